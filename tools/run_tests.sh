@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# beadseg's test suite, as the README's second command and .ci/run run it:
+# generated files in sync with the notebooks, notebooks clean, notebook checks, pytest.
+# Expects the project's virtual environment on PATH (see README.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export TF_CPP_MIN_LOG_LEVEL=2 PYTHONWARNINGS=ignore::DeprecationWarning
+
+fingerprint() { find "$@" -type f \( -name '*.py' -o -name '*.ipynb' -o -name '*.md' \) -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha1sum; }
+
+# Run a generator ($2...) and fail if it changed anything under $1: the committed files were stale.
+check_unchanged() {
+  local what=$1; shift
+  local before; before=$(fingerprint beadseg nbs README.md)
+  "$@" >/dev/null
+  local after; after=$(fingerprint beadseg nbs README.md)
+  if [ "$before" != "$after" ]; then
+    echo "FAILED: $what changed these files; run it and commit the result:" >&2
+    diff <(echo "$before") <(echo "$after") | grep '^>' | awk '{print "  " $3}' >&2
+    exit 1
+  fi
+  echo "ok: $what leaves the project unchanged"
+}
+
+check_unchanged nbdev-export nbdev-export
+check_unchanged nbdev-clean nbdev-clean
+check_unchanged "README.md from nbs/index.ipynb" \
+  jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
+
+echo "== nbdev-test (every notebook under nbs/)"
+nbdev-test --n-workers 1 --timing
+echo "== pytest"
+python -m pytest -q tests
