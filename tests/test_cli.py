@@ -1,0 +1,64 @@
+"The beadseg command: overrides, one-line errors without tracebacks, exit codes."
+import pytest
+from conftest import run_beadseg, ROOT
+
+
+def test_settings_prints_merged_values():
+    out = run_beadseg('settings', '--image-size', '128', '--loss-functions', 'focal,dice')
+    assert out.returncode == 0, out.stderr
+    assert 'image_size = 128\n' in out.stdout and 'loss_functions = focal, dice\n' in out.stdout
+    assert 'learning_rate = 5e-05\n' in out.stdout
+
+
+@pytest.mark.parametrize('old, new, key', [
+    ('max_epochs = 200', 'max_epochs = 2OO', "[train] max_epochs = '2OO'"),
+    ('resunet, attention_resunet', 'resunet, attention_unet', '[search] architectures'),
+    ('focal_tversky, combined_tversky', 'focal_tversky, combined_tverski', '[search] loss_functions'),
+    ('[train]', '[training]', 'unknown section [training]'),
+])
+def test_malformed_settings_fail_with_one_line(tmp_path, old, new, key):
+    bad = tmp_path/'settings.ini'
+    bad.write_text((ROOT/'settings.ini').read_text().replace(old, new))
+    for how in (dict(args=('--settings', bad)), dict(env={'BEADSEG_SETTINGS': str(bad)}), dict(cwd=tmp_path)):
+        out = run_beadseg('settings', *how.get('args', ()), cwd=how.get('cwd', ROOT), env=how.get('env'))
+        assert out.returncode == 2
+        assert out.stdout == ''
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and 'Traceback' not in out.stderr
+        assert lines[0].startswith('beadseg settings: error: ') and str(bad.name) in lines[0] and key in lines[0]
+
+
+def test_bad_override_fails_with_one_line():
+    out = run_beadseg('settings', '--val-split', '15')
+    assert out.returncode == 2
+    assert out.stderr.strip() == "beadseg settings: error: --val-split = '15': expected a number strictly between 0 and 1"
+
+
+def test_models_prints_parameter_counts_and_rejects_bad_sizes():
+    out = run_beadseg('models', '--image-size', '64', '--base-filters', '8')
+    assert out.returncode == 0, out.stderr
+    assert 'input 64x64x1, base filters 8' in out.stdout
+    assert {'unet', 'resunet', 'attention_resunet'} <= set(out.stdout.split())
+    bad = run_beadseg('models', '--image-size', '200')
+    assert bad.returncode == 2 and 'Traceback' not in bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        'beadseg models: error: Input side 200 must be a multiple of 2^depth = 16: use e.g. 192 or 208. '
+        'Received: input_shape=(200, 200, 1), depth=4']
+
+
+def test_default_models_are_the_seeds():
+    out = run_beadseg('models')
+    assert out.returncode == 0, out.stderr
+    for number in ('31,401,345', '33,156,929', '34,204,293'):
+        assert number in out.stdout
+
+
+def test_missing_tensorflow_is_one_line(tmp_path):
+    "Installed without the [cpu] or [gpu] extra: say how to fix it instead of a traceback."
+    (tmp_path/'tensorflow').mkdir()
+    (tmp_path/'tensorflow'/'__init__.py').write_text(
+        "raise ModuleNotFoundError(\"No module named 'tensorflow'\", name='tensorflow')\n")
+    out = run_beadseg('models', env={'PYTHONPATH': str(tmp_path)})
+    assert out.returncode == 2 and 'Traceback' not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "beadseg models: error: TensorFlow is not installed: pip install -e '.[cpu]' (or '.[gpu]' on a GPU machine)"]

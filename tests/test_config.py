@@ -1,0 +1,88 @@
+"settings.ini: the seed's defaults, validation with one-line errors naming file and key, overrides, snapshots."
+import re
+import pytest
+from beadseg.config import (SCHEMA, SettingsError, read_settings, load_settings, write_settings, find_settings,
+                            PROJECT_SETTINGS)
+
+
+def test_project_settings_hold_the_seed_defaults(project_settings):
+    s = read_settings(project_settings)
+    assert s['data'] == dict(dataset='dataset_shrunk_masks', image_size=512, val_split=0.15, seed=42)
+    assert s['train'] == dict(learning_rate=5e-5, patience=30, max_epochs=200, dropout=0.3, base_filters=64)
+    assert s['search'] == dict(architectures=['unet', 'resunet', 'attention_resunet'], batch_sizes=[8, 16, 32],
+                               loss_functions=['focal', 'combined', 'focal_tversky', 'combined_tversky'], n_random=30)
+    assert s['pbs'] == dict(walltime='48:00:00', ncpus=36, ngpus=1, mem='240gb', container='')
+
+
+def edited(tmp_path, project_settings, old, new):
+    text = project_settings.read_text()
+    assert old in text
+    path = tmp_path/'settings.ini'
+    path.write_text(text.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize('old, new, message', [
+    ('image_size = 512', 'image_size = 512px', "[data] image_size = '512px': expected a positive integer"),
+    ('learning_rate = 5e-5', 'learning_rate = fast', "[train] learning_rate = 'fast': expected a positive number"),
+    ('dropout = 0.3', 'dropout = 1.5', "[train] dropout = '1.5': expected a number in [0, 1)"),
+    ('batch_sizes = 8, 16, 32', 'batch_sizes = 8, sixteen', "[search] batch_sizes = '8, sixteen': 'sixteen': expected a positive integer"),
+    ('resunet, attention_resunet', 'resunet, transunet', "[search] architectures = 'unet, resunet, transunet': 'transunet': expected one of unet, resunet, attention_resunet"),
+    ('focal, combined,', 'focal, lovasz,', "[search] loss_functions = 'focal, lovasz, focal_tversky, combined_tversky': 'lovasz': expected one of dice, focal"),
+    ('mem = 240gb', 'mem = lots', "[pbs] mem = 'lots': expected a size such as 240gb"),
+    ('[pbs]', '[pbss]', 'unknown section [pbss] (expected data, train, search, pbs)'),
+    ('patience = 30', 'patiance = 30', "[train] unknown key 'patiance'"),
+    ('n_random = 30', '', "[search] missing key 'n_random'"),
+])
+def test_malformed_settings_name_file_and_key(tmp_path, project_settings, old, new, message):
+    path = edited(tmp_path, project_settings, old, new)
+    with pytest.raises(SettingsError) as err:
+        read_settings(path)
+    assert str(err.value) == f'{path}: {message}' or str(err.value).startswith(f'{path}: {message}')
+    assert '\n' not in str(err.value)
+
+
+def test_missing_section(tmp_path, project_settings):
+    train = re.search(r'\[train\][^[]*', project_settings.read_text()).group()
+    path = edited(tmp_path, project_settings, train, '')
+    with pytest.raises(SettingsError, match=re.escape(f'{path}: missing section [train]')):
+        read_settings(path)
+
+
+def test_not_an_ini_file(tmp_path):
+    path = tmp_path/'settings.ini'
+    path.write_text('image_size = 512\n')
+    with pytest.raises(SettingsError, match='not a valid INI file: File contains no section headers'):
+        read_settings(path)
+
+
+def test_overrides_are_parsed_like_the_file(project_settings):
+    s = load_settings(project_settings, dict(image_size='128', max_epochs=5, batch_sizes='8,16', architectures=['unet']))
+    assert (s['data']['image_size'], s['train']['max_epochs']) == (128, 5)
+    assert s['search']['batch_sizes'] == [8, 16] and s['search']['architectures'] == ['unet']
+    with pytest.raises(SettingsError, match=r"^--learning-rate = '-1': expected a positive number$"):
+        load_settings(project_settings, dict(learning_rate='-1'))
+
+
+def test_snapshot_round_trip(tmp_path, project_settings):
+    s = load_settings(project_settings, dict(loss_functions='dice,tversky', container='/images/tf.sif'))
+    assert read_settings(write_settings(s, tmp_path/'snapshot.ini')) == s
+
+
+def test_find_settings_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv('BEADSEG_SETTINGS', raising=False)
+    assert find_settings() == PROJECT_SETTINGS  # no ./settings.ini: the project's
+    (tmp_path/'settings.ini').write_text(PROJECT_SETTINGS.read_text())
+    assert find_settings().resolve() == (tmp_path/'settings.ini').resolve()
+    other = tmp_path/'other.ini'
+    other.write_text(PROJECT_SETTINGS.read_text())
+    monkeypatch.setenv('BEADSEG_SETTINGS', str(other))
+    assert find_settings() == other
+    with pytest.raises(SettingsError, match='missing.ini: settings file not found'):
+        find_settings(tmp_path/'missing.ini')
+
+
+def test_every_key_is_a_unique_flag():
+    keys = [k for section in SCHEMA.values() for k in section]
+    assert len(keys) == len(set(keys))
