@@ -8,16 +8,16 @@ __all__ = ['ARCHITECTURES', 'LOSS_NAMES', 'integer', 'positive_int', 'non_negati
            'SettingsError', 'find_settings', 'parse_value', 'read_settings', 'as_text', 'flag', 'load_settings',
            'add_settings_args', 'settings_from_args', 'format_settings', 'write_settings']
 
-# %% ../nbs/10_config.ipynb #19eb0e28
+# %% ../nbs/10_config.ipynb #b508b181
 import argparse, configparser, os, re
 from pathlib import Path
 import beadseg
 
-# %% ../nbs/10_config.ipynb #7ee4956f
+# %% ../nbs/10_config.ipynb #79105b05
 ARCHITECTURES = ('unet', 'resunet', 'attention_resunet')
 LOSS_NAMES = ('dice', 'focal', 'tversky', 'focal_tversky', 'combined', 'combined_tversky')
 
-# %% ../nbs/10_config.ipynb #badd8906
+# %% ../nbs/10_config.ipynb #8a6a145e
 def number(cast, # `int` or `float`
            expected:str, # What a valid value is, for the error message
            valid=lambda v: True, # Extra condition on the converted value
@@ -30,7 +30,7 @@ def number(cast, # `int` or `float`
         return value
     return parse
 
-# %% ../nbs/10_config.ipynb #61cb9b1d
+# %% ../nbs/10_config.ipynb #329155fa
 integer = number(int, 'an integer')
 positive_int = number(int, 'a positive integer', lambda v: v > 0)
 non_negative_int = number(int, 'an integer >= 0', lambda v: v >= 0)
@@ -38,7 +38,7 @@ positive_float = number(float, 'a positive number', lambda v: v > 0)
 open_fraction = number(float, 'a number strictly between 0 and 1', lambda v: 0 < v < 1)
 dropout_rate = number(float, 'a number in [0, 1)', lambda v: 0 <= v < 1)
 
-# %% ../nbs/10_config.ipynb #d6c7327e
+# %% ../nbs/10_config.ipynb #26401115
 def one_of(names): # The allowed names
     "A parser that accepts one of `names`."
     def parse(text):
@@ -65,7 +65,7 @@ def matching(pattern:str, expected:str):
         return text
     return parse
 
-# %% ../nbs/10_config.ipynb #0125da1a
+# %% ../nbs/10_config.ipynb #6f4adf66
 SCHEMA = {
     'data': dict(dataset=str, image_size=positive_int, val_split=open_fraction, seed=integer),
     'train': dict(learning_rate=positive_float, patience=non_negative_int, max_epochs=positive_int,
@@ -78,7 +78,7 @@ SCHEMA = {
 }
 KEY_SECTION = {key: section for section, keys in SCHEMA.items() for key in keys}
 
-# %% ../nbs/10_config.ipynb #20cb39e8
+# %% ../nbs/10_config.ipynb #733f05c1
 class SettingsError(ValueError):
     "A settings file or override that beadseg cannot use; its message is one line naming the file or flag and key."
 
@@ -95,7 +95,7 @@ def find_settings(path=None, # An explicit settings file; else $BEADSEG_SETTINGS
         if candidate.is_file(): return candidate
     raise SettingsError(f'settings.ini not found in {Path.cwd()} nor at {PROJECT_SETTINGS}; pass --settings FILE')
 
-# %% ../nbs/10_config.ipynb #e3ba6b8c
+# %% ../nbs/10_config.ipynb #dcd4d08c
 def parse_value(key:str, # A settings key, e.g. 'image_size'
                 text:str, # Its value as written in the file or on the command line
                 where:str, # Where the text came from, for the error message
@@ -123,7 +123,7 @@ def read_settings(path, # The settings file
         settings[section] = {k: parse_value(k, ini[section][k], f'{path}: [{section}] {k}') for k in keys}
     return settings
 
-# %% ../nbs/10_config.ipynb #3d8a2089
+# %% ../nbs/10_config.ipynb #da853509
 def as_text(value):
     "`value` written as it would be in settings.ini (lists comma-separated)."
     return ', '.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
@@ -141,7 +141,7 @@ def load_settings(path=None, # Settings file (see `find_settings`)
         settings[KEY_SECTION[key]][key] = parse_value(key, as_text(value), flag(key))
     return settings
 
-# %% ../nbs/10_config.ipynb #dd573528
+# %% ../nbs/10_config.ipynb #fde6145d
 def add_settings_args(parser:argparse.ArgumentParser):
     "Add `--settings FILE` and one `--kebab-key VALUE` override per settings key to `parser`."
     parser.add_argument('--settings', metavar='FILE', help='settings file (default: ./settings.ini, else the project\'s)')
@@ -154,7 +154,7 @@ def settings_from_args(args:argparse.Namespace) -> dict:
     "The settings for parsed `args`: the file named by --settings (or found), with the flags that were given."
     return load_settings(args.settings, {k: getattr(args, k, None) for k in KEY_SECTION})
 
-# %% ../nbs/10_config.ipynb #bc0a5d06
+# %% ../nbs/10_config.ipynb #324d0521
 def format_settings(settings:dict) -> str:
     "`settings` as settings.ini text."
     return '\n'.join(f'[{section}]\n' + ''.join(f'{k} = {as_text(v)}\n' for k, v in keys.items())

@@ -6,13 +6,12 @@
 __all__ = ['LOSSES', 'soft_counts', 'dice', 'tversky', 'focal', 'focal_tversky', 'combined', 'combined_tversky',
            'SegmentationLoss', 'get_loss', 'ForegroundCounts', 'Jaccard', 'DiceCoef', 'loss_gradient']
 
-# %% ../nbs/00_losses.ipynb #98e4da2c
+# %% ../nbs/00_losses.ipynb #a0ab4e77
 import inspect
 import keras
 from keras import ops
-from .config import LOSS_NAMES
 
-# %% ../nbs/00_losses.ipynb #56299255
+# %% ../nbs/00_losses.ipynb #64af36c8
 def soft_counts(y_true, # Ground-truth mask, 0 or 1
                 y_pred, # Predicted foreground probability, same shape
                ):
@@ -20,7 +19,7 @@ def soft_counts(y_true, # Ground-truth mask, 0 or 1
     y_true, y_pred = ops.cast(y_true, 'float32'), ops.cast(y_pred, 'float32')
     return ops.sum(y_true * y_pred), ops.sum(y_true * (1 - y_pred)), ops.sum((1 - y_true) * y_pred)
 
-# %% ../nbs/00_losses.ipynb #3f92ebb7
+# %% ../nbs/00_losses.ipynb #3943e262
 def dice(y_true, y_pred,
          smooth=1e-6, # Keeps empty vs empty at 0
         ):
@@ -36,7 +35,7 @@ def tversky(y_true, y_pred,
     tp, fn, fp = soft_counts(y_true, y_pred)
     return 1 - (tp + smooth) / (tp + alpha * fn + beta * fp + smooth)
 
-# %% ../nbs/00_losses.ipynb #31e01b1a
+# %% ../nbs/00_losses.ipynb #51642c5d
 def focal(y_true, y_pred,
           alpha=0.25, # Weight of foreground pixels; background gets 1 - alpha
           gamma=2.0, # Focusing exponent
@@ -49,7 +48,7 @@ def focal(y_true, y_pred,
     a_t = y_true * alpha + (1 - y_true) * (1 - alpha)
     return ops.mean(-a_t * (1 - p_t) ** gamma * ops.log(p_t))
 
-# %% ../nbs/00_losses.ipynb #62803683
+# %% ../nbs/00_losses.ipynb #b7c3cc54
 def focal_tversky(y_true, y_pred, alpha=0.7, beta=0.3,
                   gamma=1.33, # Exponent on the Tversky loss (the seed's 1.33)
                   smooth=1e-6, eps=1e-7):
@@ -65,7 +64,7 @@ def combined_tversky(y_true, y_pred, tversky_weight=0.6, focal_weight=0.4, alpha
     "The seed's combined Tversky loss: 0.6 tversky + 0.4 focal."
     return tversky_weight * tversky(y_true, y_pred, alpha, beta) + focal_weight * focal(y_true, y_pred, focal_alpha, focal_gamma)
 
-# %% ../nbs/00_losses.ipynb #a3069c5c
+# %% ../nbs/00_losses.ipynb #ef081ed8
 LOSSES = dict(dice=dice, focal=focal, tversky=tversky, focal_tversky=focal_tversky,
               combined=combined, combined_tversky=combined_tversky)
 
@@ -88,7 +87,7 @@ def get_loss(name:str, # One of `LOSSES`: the seed's focal, combined, focal_tver
     "The Keras loss called `name`."
     return SegmentationLoss(name, **params)
 
-# %% ../nbs/00_losses.ipynb #99f6c84f
+# %% ../nbs/00_losses.ipynb #6365db17
 class ForegroundCounts(keras.metrics.Metric):
     "TP, FP and FN of predictions thresholded at `threshold`, accumulated over all batches since the last reset."
     def __init__(self, threshold=0.5, name='foreground_counts', dtype=None):
@@ -122,7 +121,7 @@ class DiceCoef(ForegroundCounts):
     def __init__(self, threshold=0.5, name='dice_coef', dtype=None): super().__init__(threshold, name, dtype)
     def result(self): return self.ratio(2)
 
-# %% ../nbs/00_losses.ipynb #d04a51ef
+# %% ../nbs/00_losses.ipynb #e7f7e12a
 def loss_gradient(loss, y_true, y_pred):
     "The gradient of `loss(y_true, y_pred)` with respect to `y_pred` (TensorFlow backend)."
     import tensorflow as tf

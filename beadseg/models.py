@@ -5,13 +5,13 @@
 # %% auto #0
 __all__ = ['apply_projection', 'apply_conv_block', 'apply_attention_gate', 'check_model_args', 'build_model', 'parameter_table']
 
-# %% ../nbs/01_models.ipynb #b1bc62aa
+# %% ../nbs/01_models.ipynb #231835cc
 import numpy as np
 import keras
 from keras import layers
 from .config import ARCHITECTURES
 
-# %% ../nbs/01_models.ipynb #6c3d9772
+# %% ../nbs/01_models.ipynb #7975c641
 def apply_projection(x, filters:int, name:str, batchnorm=True):
     "The residual shortcut: a 1x1 conv (+ BatchNorm) that maps `x` to `filters` channels."
     x = layers.Conv2D(filters, 1, name=f'{name}_proj_conv')(x)
@@ -27,7 +27,7 @@ def apply_conv_block(x, filters:int, name:str, batchnorm=True, residual=False):
         x = layers.ReLU(name=f'{name}_relu{i}')(x)
     return x
 
-# %% ../nbs/01_models.ipynb #040bd243
+# %% ../nbs/01_models.ipynb #a4511bcd
 def apply_attention_gate(skip, gate, name:str):
     "`skip` weighted per pixel by sigmoid(psi(relu(theta(skip) + phi(gate)))); `gate` has the skip's spatial size."
     channels = skip.shape[-1]
@@ -37,7 +37,7 @@ def apply_attention_gate(skip, gate, name:str):
     coefficients = layers.Conv2D(1, 1, activation='sigmoid', name=f'{name}_psi')(joint)
     return layers.Multiply(name=f'{name}_weigh')([skip, coefficients])
 
-# %% ../nbs/01_models.ipynb #16bddebd
+# %% ../nbs/01_models.ipynb #f99ddd7b
 def check_model_args(architecture, input_shape, base_filters, dropout, depth):
     "Raise a `ValueError` saying what to change if `build_model` cannot build these arguments."
     if architecture not in ARCHITECTURES:
@@ -55,7 +55,7 @@ def check_model_args(architecture, input_shape, base_filters, dropout, depth):
             raise ValueError(f"Input side {side} must be a multiple of 2^depth = {step}: use e.g. {' or '.join(map(str, nearest))}. "
                              f'Received: input_shape={input_shape!r}, depth={depth}')
 
-# %% ../nbs/01_models.ipynb #30c8d9d3
+# %% ../nbs/01_models.ipynb #2b27aab5
 def build_model(architecture='unet', # One of `ARCHITECTURES`
                 input_shape=(512, 512, 1), # (height, width, channels); sides multiples of 2^depth, or None
                 base_filters=64, # Filters of the first block; each level doubles them
@@ -83,7 +83,7 @@ def build_model(architecture='unet', # One of `ARCHITECTURES`
     outputs = layers.Conv2D(1, 1, activation='sigmoid', dtype='float32', name='mask')(x)
     return keras.Model(inputs, outputs, name=architecture)
 
-# %% ../nbs/01_models.ipynb #23181c45
+# %% ../nbs/01_models.ipynb #f7adef10
 def parameter_table(input_shape=(512, 512, 1), base_filters=64, **kwargs):
     "Total and trainable parameters of every architecture, as a DataFrame."
     import pandas as pd
