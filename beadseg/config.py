@@ -8,16 +8,16 @@ __all__ = ['ARCHITECTURES', 'LOSS_NAMES', 'integer', 'positive_int', 'non_negati
            'SettingsError', 'find_settings', 'parse_value', 'read_settings', 'as_text', 'flag', 'load_settings',
            'add_settings_args', 'settings_from_args', 'format_settings', 'write_settings']
 
-# %% ../nbs/10_config.ipynb #b508b181
+# %% ../nbs/10_config.ipynb #7470b227
 import argparse, configparser, os, re
 from pathlib import Path
 import beadseg
 
-# %% ../nbs/10_config.ipynb #79105b05
+# %% ../nbs/10_config.ipynb #c26384e7
 ARCHITECTURES = ('unet', 'resunet', 'attention_resunet')
 LOSS_NAMES = ('dice', 'focal', 'tversky', 'focal_tversky', 'combined', 'combined_tversky')
 
-# %% ../nbs/10_config.ipynb #8a6a145e
+# %% ../nbs/10_config.ipynb #0f63b2e7
 def number(cast, # `int` or `float`
            expected:str, # What a valid value is, for the error message
            valid=lambda v: True, # Extra condition on the converted value
@@ -30,7 +30,7 @@ def number(cast, # `int` or `float`
         return value
     return parse
 
-# %% ../nbs/10_config.ipynb #329155fa
+# %% ../nbs/10_config.ipynb #4509c027
 integer = number(int, 'an integer')
 positive_int = number(int, 'a positive integer', lambda v: v > 0)
 non_negative_int = number(int, 'an integer >= 0', lambda v: v >= 0)
@@ -38,7 +38,7 @@ positive_float = number(float, 'a positive number', lambda v: v > 0)
 open_fraction = number(float, 'a number strictly between 0 and 1', lambda v: 0 < v < 1)
 dropout_rate = number(float, 'a number in [0, 1)', lambda v: 0 <= v < 1)
 
-# %% ../nbs/10_config.ipynb #26401115
+# %% ../nbs/10_config.ipynb #3ebbab80
 def one_of(names): # The allowed names
     "A parser that accepts one of `names`."
     def parse(text):
@@ -65,7 +65,7 @@ def matching(pattern:str, expected:str):
         return text
     return parse
 
-# %% ../nbs/10_config.ipynb #6f4adf66
+# %% ../nbs/10_config.ipynb #406690f9
 SCHEMA = {
     'data': dict(dataset=str, image_size=positive_int, val_split=open_fraction, seed=integer),
     'train': dict(learning_rate=positive_float, patience=non_negative_int, max_epochs=positive_int,
@@ -78,7 +78,7 @@ SCHEMA = {
 }
 KEY_SECTION = {key: section for section, keys in SCHEMA.items() for key in keys}
 
-# %% ../nbs/10_config.ipynb #733f05c1
+# %% ../nbs/10_config.ipynb #73bf7cfa
 class SettingsError(ValueError):
     "A settings file or override that beadseg cannot use; its message is one line naming the file or flag and key."
 
@@ -95,7 +95,7 @@ def find_settings(path=None, # An explicit settings file; else $BEADSEG_SETTINGS
         if candidate.is_file(): return candidate
     raise SettingsError(f'settings.ini not found in {Path.cwd()} nor at {PROJECT_SETTINGS}; pass --settings FILE')
 
-# %% ../nbs/10_config.ipynb #dcd4d08c
+# %% ../nbs/10_config.ipynb #f8dffc09
 def parse_value(key:str, # A settings key, e.g. 'image_size'
                 text:str, # Its value as written in the file or on the command line
                 where:str, # Where the text came from, for the error message
@@ -109,6 +109,7 @@ def read_settings(path, # The settings file
     "The validated settings in `path`, as {section: {key: value}}."
     ini = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=('#', ';'))
     try: ini.read_string(Path(path).read_text(), source=str(path))
+    except OSError as err: raise SettingsError(f'{path}: cannot read: {err.strerror}') from None
     except (configparser.Error, UnicodeDecodeError) as err:
         raise SettingsError(f'{path}: not a valid INI file: {str(err).splitlines()[0]}') from None
     if unknown := [s for s in ini.sections() if s not in SCHEMA]:
@@ -123,12 +124,14 @@ def read_settings(path, # The settings file
         settings[section] = {k: parse_value(k, ini[section][k], f'{path}: [{section}] {k}') for k in keys}
     return settings
 
-# %% ../nbs/10_config.ipynb #da853509
+# %% ../nbs/10_config.ipynb #8edbb3e2
 def as_text(value):
     "`value` written as it would be in settings.ini (lists comma-separated)."
     return ', '.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
-def flag(key:str): return '--' + key.replace('_', '-')
+def flag(key:str):
+    "The command-line flag of settings `key`: image_size -> --image-size."
+    return '--' + key.replace('_', '-')
 
 def load_settings(path=None, # Settings file (see `find_settings`)
                   overrides:dict=None, # {key: value} applied on top of the file; None values are ignored
@@ -141,7 +144,7 @@ def load_settings(path=None, # Settings file (see `find_settings`)
         settings[KEY_SECTION[key]][key] = parse_value(key, as_text(value), flag(key))
     return settings
 
-# %% ../nbs/10_config.ipynb #fde6145d
+# %% ../nbs/10_config.ipynb #8d85312d
 def add_settings_args(parser:argparse.ArgumentParser):
     "Add `--settings FILE` and one `--kebab-key VALUE` override per settings key to `parser`."
     parser.add_argument('--settings', metavar='FILE', help='settings file (default: ./settings.ini, else the project\'s)')
@@ -154,7 +157,7 @@ def settings_from_args(args:argparse.Namespace) -> dict:
     "The settings for parsed `args`: the file named by --settings (or found), with the flags that were given."
     return load_settings(args.settings, {k: getattr(args, k, None) for k in KEY_SECTION})
 
-# %% ../nbs/10_config.ipynb #324d0521
+# %% ../nbs/10_config.ipynb #60b70175
 def format_settings(settings:dict) -> str:
     "`settings` as settings.ini text."
     return '\n'.join(f'[{section}]\n' + ''.join(f'{k} = {as_text(v)}\n' for k, v in keys.items())
