@@ -1,6 +1,6 @@
 import os, subprocess, sys
 from pathlib import Path
-import pytest
+from beadseg.config import PROJECT_SETTINGS
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,6 +13,10 @@ def run_beadseg(*args, cwd=ROOT, env=None, timeout=300):
                           env={**os.environ, **(env or {})})
 
 
-@pytest.fixture
-def project_settings():
-    return ROOT/'settings.ini'
+def edited_settings(folder, old, new):
+    "A copy of the project's settings.ini in `folder` with `old` replaced by `new` (which must occur)."
+    text = PROJECT_SETTINGS.read_text()
+    assert old in text, old
+    path = folder/'settings.ini'
+    path.write_text(text.replace(old, new))
+    return path

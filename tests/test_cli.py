@@ -1,6 +1,6 @@
 "The beadseg command: overrides, one-line errors without tracebacks, exit codes."
 import pytest
-from conftest import run_beadseg, ROOT
+from conftest import run_beadseg, edited_settings, ROOT
 
 
 def test_settings_prints_merged_values():
@@ -17,8 +17,7 @@ def test_settings_prints_merged_values():
     ('[train]', '[training]', 'unknown section [training]'),
 ])
 def test_malformed_settings_fail_with_one_line(tmp_path, old, new, key):
-    bad = tmp_path/'settings.ini'
-    bad.write_text((ROOT/'settings.ini').read_text().replace(old, new))
+    bad = edited_settings(tmp_path, old, new)
     for how in (dict(args=('--settings', bad)), dict(env={'BEADSEG_SETTINGS': str(bad)}), dict(cwd=tmp_path)):
         out = run_beadseg('settings', *how.get('args', ()), cwd=how.get('cwd', ROOT), env=how.get('env'))
         assert out.returncode == 2
