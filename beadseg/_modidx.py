@@ -9,6 +9,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'beadseg.config': { 'beadseg.config.SettingsError': ('config.html#settingserror', 'beadseg/config.py'),
                                 'beadseg.config.add_settings_args': ('config.html#add_settings_args', 'beadseg/config.py'),
                                 'beadseg.config.as_text': ('config.html#as_text', 'beadseg/config.py'),
+                                'beadseg.config.boolean': ('config.html#boolean', 'beadseg/config.py'),
                                 'beadseg.config.find_settings': ('config.html#find_settings', 'beadseg/config.py'),
                                 'beadseg.config.flag': ('config.html#flag', 'beadseg/config.py'),
                                 'beadseg.config.format_settings': ('config.html#format_settings', 'beadseg/config.py'),

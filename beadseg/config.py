@@ -4,20 +4,21 @@
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'LOSS_NAMES', 'integer', 'positive_int', 'non_negative_int', 'positive_float', 'open_fraction',
-           'dropout_rate', 'SCHEMA', 'KEY_SECTION', 'PROJECT_SETTINGS', 'number', 'one_of', 'list_of', 'matching',
-           'SettingsError', 'find_settings', 'parse_value', 'read_settings', 'as_text', 'flag', 'load_settings',
-           'add_settings_args', 'settings_from_args', 'format_settings', 'write_settings']
+           'dropout_rate', 'TRUE_WORDS', 'FALSE_WORDS', 'AUTO_ON_OFF', 'walltime', 'slurm_time', 'SCHEMA',
+           'KEY_SECTION', 'PROJECT_SETTINGS', 'number', 'boolean', 'one_of', 'list_of', 'matching', 'SettingsError',
+           'find_settings', 'parse_value', 'read_settings', 'as_text', 'flag', 'load_settings', 'add_settings_args',
+           'settings_from_args', 'format_settings', 'write_settings']
 
-# %% ../nbs/10_config.ipynb #7470b227
+# %% ../nbs/10_config.ipynb #94b81d41
 import argparse, configparser, os, re
 from pathlib import Path
 import beadseg
 
-# %% ../nbs/10_config.ipynb #c26384e7
+# %% ../nbs/10_config.ipynb #475c40ff
 ARCHITECTURES = ('unet', 'resunet', 'attention_resunet')
 LOSS_NAMES = ('dice', 'focal', 'tversky', 'focal_tversky', 'combined', 'combined_tversky')
 
-# %% ../nbs/10_config.ipynb #0f63b2e7
+# %% ../nbs/10_config.ipynb #9010c036
 def number(cast, # `int` or `float`
            expected:str, # What a valid value is, for the error message
            valid=lambda v: True, # Extra condition on the converted value
@@ -30,7 +31,7 @@ def number(cast, # `int` or `float`
         return value
     return parse
 
-# %% ../nbs/10_config.ipynb #4509c027
+# %% ../nbs/10_config.ipynb #dc3a3998
 integer = number(int, 'an integer')
 positive_int = number(int, 'a positive integer', lambda v: v > 0)
 non_negative_int = number(int, 'an integer >= 0', lambda v: v >= 0)
@@ -38,7 +39,16 @@ positive_float = number(float, 'a positive number', lambda v: v > 0)
 open_fraction = number(float, 'a number strictly between 0 and 1', lambda v: 0 < v < 1)
 dropout_rate = number(float, 'a number in [0, 1)', lambda v: 0 <= v < 1)
 
-# %% ../nbs/10_config.ipynb #3ebbab80
+# %% ../nbs/10_config.ipynb #db3d128b
+TRUE_WORDS, FALSE_WORDS = ('true', 'yes', 'on', '1'), ('false', 'no', 'off', '0')
+
+def boolean(text:str) -> bool:
+    "Parse a switch such as `true` or `off`."
+    if text.lower() in TRUE_WORDS: return True
+    if text.lower() in FALSE_WORDS: return False
+    raise ValueError('expected true or false')
+
+# %% ../nbs/10_config.ipynb #032bf8f0
 def one_of(names): # The allowed names
     "A parser that accepts one of `names`."
     def parse(text):
@@ -65,20 +75,28 @@ def matching(pattern:str, expected:str):
         return text
     return parse
 
-# %% ../nbs/10_config.ipynb #406690f9
+# %% ../nbs/10_config.ipynb #da61a429
+AUTO_ON_OFF = ('auto', 'on', 'off')
+walltime = matching(r'\d+:[0-5]\d:[0-5]\d', 'a walltime HH:MM:SS')
+slurm_time = matching(r'(\d+-)?\d+:[0-5]\d:[0-5]\d', 'a time limit [D-]HH:MM:SS')
 SCHEMA = {
-    'data': dict(dataset=str, image_size=positive_int, val_split=open_fraction, seed=integer),
+    'data': dict(dataset=str, mask_suffix=str, color=one_of(('gray', 'rgb')), shrink=non_negative_int,
+                 image_size=positive_int, val_split=open_fraction, seed=integer, augment=boolean),
     'train': dict(learning_rate=positive_float, patience=non_negative_int, max_epochs=positive_int,
-                  dropout=dropout_rate, base_filters=positive_int),
-    'search': dict(architectures=list_of(one_of(ARCHITECTURES)), batch_sizes=list_of(positive_int),
-                   loss_functions=list_of(one_of(LOSS_NAMES)), n_random=positive_int),
-    'pbs': dict(walltime=matching(r'\d+:[0-5]\d:[0-5]\d', 'a walltime HH:MM:SS'), ncpus=positive_int,
-                ngpus=non_negative_int, mem=matching(r'(?i)\d+(b|kb|mb|gb|tb)', 'a size such as 240gb'),
-                container=str),
+                  dropout=dropout_rate, base_filters=positive_int,
+                  mixed_precision=one_of(AUTO_ON_OFF), jit_compile=one_of(AUTO_ON_OFF)),
+    'search': dict(search_type=one_of(('random', 'grid')), architectures=list_of(one_of(ARCHITECTURES)),
+                   batch_sizes=list_of(positive_int), loss_functions=list_of(one_of(LOSS_NAMES)),
+                   n_random=positive_int, workers=positive_int, timeout=non_negative_int),
+    'cluster': dict(modules=str, activate=str, container=str, account=str, array_limit=non_negative_int),
+    'pbs': dict(queue=str, walltime=walltime, array_walltime=walltime, ncpus=positive_int,
+                ngpus=non_negative_int, mem=matching(r'(?i)\d+(b|kb|mb|gb|tb)', 'a size such as 240gb')),
+    'slurm': dict(partition=str, time=slurm_time, array_time=slurm_time, cpus_per_task=positive_int,
+                  gres=str, slurm_mem=matching(r'(?i)\d+[kmgt]?', 'a size such as 240G')),
 }
 KEY_SECTION = {key: section for section, keys in SCHEMA.items() for key in keys}
 
-# %% ../nbs/10_config.ipynb #73bf7cfa
+# %% ../nbs/10_config.ipynb #562f0972
 class SettingsError(ValueError):
     "A settings file or override that beadseg cannot use; its message is one line naming the file or flag and key."
 
@@ -95,7 +113,7 @@ def find_settings(path=None, # An explicit settings file; else $BEADSEG_SETTINGS
         if candidate.is_file(): return candidate
     raise SettingsError(f'settings.ini not found in {Path.cwd()} nor at {PROJECT_SETTINGS}; pass --settings FILE')
 
-# %% ../nbs/10_config.ipynb #f8dffc09
+# %% ../nbs/10_config.ipynb #bc6799c2
 def parse_value(key:str, # A settings key, e.g. 'image_size'
                 text:str, # Its value as written in the file or on the command line
                 where:str, # Where the text came from, for the error message
@@ -124,9 +142,10 @@ def read_settings(path, # The settings file
         settings[section] = {k: parse_value(k, ini[section][k], f'{path}: [{section}] {k}') for k in keys}
     return settings
 
-# %% ../nbs/10_config.ipynb #8edbb3e2
+# %% ../nbs/10_config.ipynb #d2af27d2
 def as_text(value):
     "`value` written as it would be in settings.ini (lists comma-separated)."
+    if isinstance(value, bool): return str(value).lower()
     return ', '.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 def flag(key:str):
@@ -144,7 +163,7 @@ def load_settings(path=None, # Settings file (see `find_settings`)
         settings[KEY_SECTION[key]][key] = parse_value(key, as_text(value), flag(key))
     return settings
 
-# %% ../nbs/10_config.ipynb #8d85312d
+# %% ../nbs/10_config.ipynb #8b19767e
 def add_settings_args(parser:argparse.ArgumentParser):
     "Add `--settings FILE` and one `--kebab-key VALUE` override per settings key to `parser`."
     parser.add_argument('--settings', metavar='FILE', help='settings file (default: ./settings.ini, else the project\'s)')
@@ -157,7 +176,7 @@ def settings_from_args(args:argparse.Namespace) -> dict:
     "The settings for parsed `args`: the file named by --settings (or found), with the flags that were given."
     return load_settings(args.settings, {k: getattr(args, k, None) for k in KEY_SECTION})
 
-# %% ../nbs/10_config.ipynb #60b70175
+# %% ../nbs/10_config.ipynb #4db3c075
 def format_settings(settings:dict) -> str:
     "`settings` as settings.ini text."
     return '\n'.join(f'[{section}]\n' + ''.join(f'{k} = {as_text(v)}\n' for k, v in keys.items())

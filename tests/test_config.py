@@ -8,11 +8,16 @@ from conftest import edited_settings
 
 def test_project_settings_hold_the_seed_defaults():
     s = read_settings(PROJECT_SETTINGS)
-    assert s['data'] == dict(dataset='dataset_shrunk_masks', image_size=512, val_split=0.15, seed=42)
-    assert s['train'] == dict(learning_rate=5e-5, patience=30, max_epochs=200, dropout=0.3, base_filters=64)
-    assert s['search'] == dict(architectures=['unet', 'resunet', 'attention_resunet'], batch_sizes=[8, 16, 32],
-                               loss_functions=['focal', 'combined', 'focal_tversky', 'combined_tversky'], n_random=30)
-    assert s['pbs'] == dict(walltime='48:00:00', ncpus=36, ngpus=1, mem='240gb', container='')
+    assert s['data'] == dict(dataset='dataset_shrunk_masks', mask_suffix='', color='gray', shrink=2, image_size=512,
+                             val_split=0.15, seed=42, augment=True)
+    assert s['train'] == dict(learning_rate=5e-5, patience=30, max_epochs=200, dropout=0.3, base_filters=64,
+                              mixed_precision='auto', jit_compile='auto')
+    assert s['search'] == dict(search_type='random', architectures=['unet', 'resunet', 'attention_resunet'],
+                               batch_sizes=[8, 16, 32], loss_functions=['focal', 'combined', 'focal_tversky', 'combined_tversky'],
+                               n_random=30, workers=1, timeout=0)
+    assert s['pbs'] == dict(queue='', walltime='48:00:00', array_walltime='12:00:00', ncpus=36, ngpus=1, mem='240gb')
+    assert s['slurm']['time'] == '48:00:00' and s['slurm']['gres'] == 'gpu:1'
+    assert s['cluster'] == dict(modules='', activate='', container='', account='', array_limit=0)
 
 
 @pytest.mark.parametrize('old, new, message', [
@@ -23,9 +28,12 @@ def test_project_settings_hold_the_seed_defaults():
     ('resunet, attention_resunet', 'resunet, transunet', "[search] architectures = 'unet, resunet, transunet': 'transunet': expected one of unet, resunet, attention_resunet"),
     ('focal, combined,', 'focal, lovasz,', "[search] loss_functions = 'focal, lovasz, focal_tversky, combined_tversky': 'lovasz': expected one of dice, focal"),
     ('mem = 240gb', 'mem = lots', "[pbs] mem = 'lots': expected a size such as 240gb"),
-    ('[pbs]', '[pbss]', 'unknown section [pbss] (expected data, train, search, pbs)'),
+    ('[pbs]', '[pbss]', 'unknown section [pbss] (expected data, train, search, cluster, pbs, slurm)'),
     ('patience = 30', 'patiance = 30', "[train] unknown key 'patiance'"),
     ('n_random = 30', '', "[search] missing key 'n_random'"),
+    ('augment = true', 'augment = sometimes', "[data] augment = 'sometimes': expected true or false"),
+    ('jit_compile = auto', 'jit_compile = always', "[train] jit_compile = 'always': expected one of auto, on, off"),
+    ('array_time = 12:00:00', 'array_time = 2 days', "[slurm] array_time = '2 days': expected a time limit [D-]HH:MM:SS"),
 ])
 def test_malformed_settings_name_file_and_key(tmp_path, old, new, message):
     path = edited_settings(tmp_path, old, new)
