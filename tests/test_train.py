@@ -1,0 +1,150 @@
+"Training one configuration: the papermill run, resumption after kills, failure statuses, early stopping, learning."
+import json, os, signal, subprocess, sys, time
+import numpy as np, pandas as pd, pytest
+from conftest import run_beadseg, ROOT
+
+TINY = ('--image-size', '64', '--base-filters', '8', '--batch-size', '4', '--learning-rate', '1e-3', '--val-split', '0.25')
+HISTORY_COLUMNS = ['epoch', 'loss', 'val_loss', 'jaccard', 'val_jaccard', 'dice', 'val_dice', 'learning_rate', 'epoch_seconds']
+
+
+@pytest.fixture(scope='module')
+def beads(tmp_path_factory):
+    from beadseg.synthetic import synthesize
+    return synthesize(tmp_path_factory.mktemp('data')/'beads', n_images=8, size=128, seed=1)
+
+
+def train_cli(beads, out, *args, **kw):
+    return run_beadseg('train', '--dataset', beads, '--out-dir', out, *TINY, *args, **kw)
+
+
+def test_papermill_run_writes_every_output(beads, tmp_path):
+    out = tmp_path/'run'
+    done = train_cli(beads, out, '--max-epochs', '2')
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'Epoch 2/2' in done.stdout and 'completed' in done.stdout.splitlines()[-1]
+    assert {'history.csv', 'model.keras', 'train.ipynb', 'result.json', 'split.json', 'predictions.png'} <= {p.name for p in out.iterdir()}
+    history = pd.read_csv(out/'history.csv')
+    assert list(history.columns) == HISTORY_COLUMNS and list(history.epoch) == [1, 2]
+    result = json.loads((out/'result.json').read_text())
+    assert result['status'] == 'completed' and result['epochs_run'] == 2 and result['error'] is None
+    assert result['best_val_jaccard'] == pytest.approx(history.val_jaccard.max())
+    assert result['config']['image_size'] == 64 and result['config']['architecture'] == 'unet'
+    for key in ('train_seconds', 'seconds_per_epoch', 'images_per_second', 'params', 'peak_memory_mb', 'device',
+                'git_commit', 'versions', 'dataset_summary'):
+        assert result[key] is not None, key
+    evaluation = result['evaluation']
+    assert 0 <= evaluation['jaccard'] <= 1 and 0 < evaluation['baseline_jaccard'] < 1
+    assert evaluation['n_images'] == len(json.loads((out/'split.json').read_text())['val'])
+    notebook = json.loads((out/'train.ipynb').read_text())
+    assert any(o.get('output_type') == 'display_data' for c in notebook['cells'] for o in c.get('outputs', []))
+    # a finished configuration is not run again
+    stamp = (out/'train.ipynb').stat().st_mtime
+    again = train_cli(beads, out, '--max-epochs', '2')
+    assert again.returncode == 0 and (out/'train.ipynb').stat().st_mtime == stamp
+    assert json.loads((out/'result.json').read_text())['finished'] == result['finished']
+
+
+def wait_for_epochs(out, n, process, timeout=240):
+    "Wait until `history.csv` has `n` rows and their resume point is saved."
+    end = time.time() + timeout
+    while time.time() < end:
+        if (out/'history.csv').is_file() and len(pd.read_csv(out/'history.csv')) >= n and list((out/'state').glob(f'epoch_{n:04d}.keras')):
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    raise TimeoutError(f'no epoch {n} within {timeout} s')
+
+
+def start_train(beads, out, *args):
+    exe = os.path.join(os.path.dirname(sys.executable), 'beadseg')
+    return subprocess.Popen([exe, 'train', '--dataset', str(beads), '--out-dir', str(out), *TINY, *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_sigterm_then_kill_then_rerun_continues_without_duplicates(beads, tmp_path):
+    out = tmp_path/'run'
+    # SIGTERM (a scheduler's walltime warning): the current epoch finishes, then the run stops as interrupted
+    first = start_train(beads, out, '--max-epochs', '5')
+    wait_for_epochs(out, 1, first)
+    first.send_signal(signal.SIGTERM)
+    first.communicate(timeout=120)
+    interrupted = json.loads((out/'result.json').read_text())
+    assert interrupted['status'] == 'interrupted', interrupted
+    stopped_at = interrupted['epochs_run']
+    assert 1 <= stopped_at < 5
+    # SIGKILL of everything after one more epoch
+    second = start_train(beads, out, '--max-epochs', '5')
+    wait_for_epochs(out, stopped_at + 1, second)
+    os.killpg(second.pid, signal.SIGKILL)
+    second.communicate()
+    # the rerun continues from the last saved epoch and finishes
+    third = train_cli(beads, out, '--max-epochs', '5')
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert 'Resuming after epoch' in third.stdout and 'Epoch 1/5' not in third.stdout
+    history = pd.read_csv(out/'history.csv')
+    assert list(history.epoch) == [1, 2, 3, 4, 5]
+    result = json.loads((out/'result.json').read_text())
+    assert result['status'] == 'completed' and result['epochs_run'] == 5
+    assert result['best_val_jaccard'] == pytest.approx(history.val_jaccard.max())
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--architecture', 'vnet'), "Unknown architecture 'vnet'"),
+    (('--loss-function', 'hinge'), "Unknown loss 'hinge'"),
+    (('--image-size', '100'), 'Input side 100 must be a multiple of 2^depth = 16'),
+])
+def test_bad_configuration_fails_at_once_with_one_line_and_a_result(beads, tmp_path, args, message):
+    out = tmp_path/'run'
+    done = train_cli(beads, out, '--max-epochs', '1', *args)
+    assert done.returncode == 1 and 'Traceback' not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('beadseg train: error: ') and message in lines[0]
+    result = json.loads((out/'result.json').read_text())
+    assert result['status'] == 'failed' and message in result['error']
+    assert not (out/'train.ipynb').exists()  # failed before any notebook ran
+
+
+@pytest.mark.parametrize('case, message', [('batch', 'is larger than the training set'), ('dataset', 'no images')])
+def test_unusable_data_fails_before_training(beads, tmp_path, case, message):
+    out = tmp_path/'run'
+    if case == 'batch': done = train_cli(beads, out, '--max-epochs', '1', '--batch-size', '64')
+    else:
+        (tmp_path/'empty'/'images').mkdir(parents=True); (tmp_path/'empty'/'masks').mkdir()
+        done = run_beadseg('train', '--dataset', tmp_path/'empty', '--out-dir', out, *TINY, '--max-epochs', '1')
+    assert done.returncode == 1 and 'Traceback' not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
+    result = json.loads((out/'result.json').read_text())
+    assert result['status'] == 'failed' and message in result['error'] and 'epochs_run' not in result
+    assert not (out/'history.csv').exists()
+
+
+def tiny_config(beads, out, **changes):
+    from beadseg.config import PROJECT_SETTINGS, load_settings
+    from beadseg.train import config_from_settings
+    return config_from_settings(load_settings(PROJECT_SETTINGS), dataset=str(beads), out_dir=str(out), image_size=64,
+                                base_filters=8, batch_size=4, val_split=0.25, **changes)
+
+
+def test_patience_stops_early_and_keeps_the_best_epoch(beads, tmp_path):
+    import keras
+    from beadseg import data
+    from beadseg.train import train, prepare_data
+    config = tiny_config(beads, tmp_path/'run', learning_rate=3e-2, patience=1, max_epochs=12, loss_function='dice')
+    result = train(config, verbose=0)
+    assert result['status'] == 'early_stopped'
+    assert result['best_epoch'] < result['epochs_run'] < 12
+    history = pd.read_csv(tmp_path/'run'/'history.csv')
+    assert history.val_jaccard.idxmax() + 1 == result['best_epoch']
+    # the saved model is the best epoch's: it scores that epoch's validation Jaccard again
+    _, _, val = prepare_data(config, tmp_path/'run', quiet=True)
+    val_ds = data.make_dataset(val, 64, 4, training=False)
+    scores = keras.models.load_model(tmp_path/'run'/'model.keras').evaluate(val_ds, verbose=0, return_dict=True)
+    assert scores['jaccard'] == pytest.approx(history.val_jaccard.max(), abs=1e-5)
+
+
+def test_same_seed_same_history(beads, tmp_path):
+    from beadseg.train import train
+    runs = [train(tiny_config(beads, tmp_path/name, max_epochs=2), verbose=0) for name in ('a', 'b')]
+    a, b = (pd.read_csv(tmp_path/name/'history.csv').drop(columns='epoch_seconds') for name in ('a', 'b'))
+    pd.testing.assert_frame_equal(a, b)
+    assert runs[0]['evaluation'] == runs[1]['evaluation']
