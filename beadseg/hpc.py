@@ -8,12 +8,12 @@ __all__ = ['FINISHED', 'SCHEDULERS', 'JOBS', 'SUMMARY_TIME', 'COMMON', 'TASKS', 
            'pbs_directives', 'slurm_directives', 'directives', 'which_lines', 'environment_lines', 'job_script',
            'write_jobs', 'submit_commands', 'command_line', 'job_id', 'submit']
 
-# %% ../nbs/05_hpc.ipynb #c03402f9
+# %% ../nbs/05_hpc.ipynb #7fadc3f2
 import csv, json, shlex, shutil, subprocess, sys
 from pathlib import Path
 from .config import read_settings
 
-# %% ../nbs/05_hpc.ipynb #b4d66c21
+# %% ../nbs/05_hpc.ipynb #e0de6301
 FINISHED = ('completed', 'early_stopped', 'nan', 'failed')
 
 def plan_ids(run_dir, # A run folder holding plan.csv
@@ -25,7 +25,7 @@ def plan_ids(run_dir, # A run folder holding plan.csv
     try: return {int(row['index']): row['config_id'] for row in rows}
     except (KeyError, TypeError, ValueError): raise ValueError(f'{path}: expected columns index (integers) and config_id') from None
 
-# %% ../nbs/05_hpc.ipynb #f76e245e
+# %% ../nbs/05_hpc.ipynb #5cea8866
 def is_finished(config_dir, # A configuration's folder, RUN_DIR/configs/<config_id>
                ) -> bool:
     "Whether `config_dir`/result.json records a final status."
@@ -37,7 +37,7 @@ def unfinished_indices(run_dir, # A run folder holding plan.csv and configs/
     "Plan indices of `run_dir` whose configuration has no finished result.json, in plan order."
     return [i for i, config_id in sorted(plan_ids(run_dir).items()) if not is_finished(Path(run_dir)/'configs'/config_id)]
 
-# %% ../nbs/05_hpc.ipynb #2020bf4f
+# %% ../nbs/05_hpc.ipynb #c89fa9c7
 def index_ranges(indices, # Plan indices
                 ) -> str:
     "`indices` as Slurm's --array or Torque's -t list: [0, 1, 2, 5, 7, 8] -> '0-2,5,7-8'."
@@ -47,7 +47,7 @@ def index_ranges(indices, # Plan indices
         else: runs.append([n, n])
     return ','.join(f'{a}-{b}' if b > a else f'{a}' for a, b in runs)
 
-# %% ../nbs/05_hpc.ipynb #67121b3a
+# %% ../nbs/05_hpc.ipynb #b2d6f065
 def array_spec(scheduler:str, # 'pbs', 'torque' or 'slurm'
                indices:list, # Plan indices the array runs
                limit:int=0, # At most this many subjobs at once; 0: no limit
@@ -59,7 +59,7 @@ def array_spec(scheduler:str, # 'pbs', 'torque' or 'slurm'
     else: spec = index_ranges(indices)
     return spec + (f'%{limit}' if limit else '')
 
-# %% ../nbs/05_hpc.ipynb #8948b69f
+# %% ../nbs/05_hpc.ipynb #56222a7c
 SCHEDULERS = ('pbs', 'torque', 'slurm')
 JOBS = ('array', 'summary', 'sequential')
 SUMMARY_TIME = '01:00:00'
@@ -77,7 +77,7 @@ def seconds(time:str, # '[D-]HH:MM:SS'
     h, m, s = map(int, hms.split(':'))
     return int(days or 0) * 86400 + h * 3600 + m * 60 + s
 
-# %% ../nbs/05_hpc.ipynb #6098e857
+# %% ../nbs/05_hpc.ipynb #bbd5b6ca
 def pbs_directives(job:str, settings:dict, array:str='', torque:bool=False) -> list:
     "The `#PBS` lines of `job` for PBS Pro or (`torque`) Torque; `array` is the index specification."
     p, c, light = settings['pbs'], settings['cluster'], job == 'summary'
@@ -108,7 +108,7 @@ def directives(scheduler:str, job:str, settings:dict, array:str='', log_dir='.')
     if scheduler == 'slurm': return slurm_directives(job, settings, array, log_dir)
     return pbs_directives(job, settings, array, torque=scheduler == 'torque')
 
-# %% ../nbs/05_hpc.ipynb #2ac2c12c
+# %% ../nbs/05_hpc.ipynb #2299e1eb
 COMMON = r"""
 mkdir -p "${log%/*}"
 echo "beadseg: this job logs to $log"
@@ -119,11 +119,11 @@ trap 'echo "== beadseg job $job_id ended $(date "+%F %T") with exit status $?"' 
 if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 else echo "GPU: none found (no nvidia-smi)"; fi
 
-child='' stopped=''
+child='' stopped='' woken=''
 # SIGTERM (walltime, qdel/scancel, preemption): pass it on; beadseg stops after its current epoch
 # shellcheck disable=SC2329  # invoked by the trap
 forward_term() {
-  stopped=yes
+  stopped=yes woken=yes
   echo "== SIGTERM at $(date '+%F %T'): beadseg stops after its current epoch"
   if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null || true; fi
 }
@@ -135,7 +135,7 @@ run() {
   timeout -s TERM "$((deadline > SECONDS ? deadline - SECONDS : 1))" "${beadseg[@]}" "$@" &
   child=$!
   wait "$child" || status=$?
-  while kill -0 "$child" 2>/dev/null; do status=0; wait "$child" || status=$?; done  # woken by the trap: wait on
+  while [ -n "$woken" ]; do woken='' status=0; wait "$child" || status=$?; done  # the trap woke wait: wait on
   child=''
   if [ "$status" -eq 124 ]; then stopped=yes; echo "== stopped at the deadline, before the walltime"; fi
   return "$status"
@@ -179,7 +179,7 @@ fi
 finish "$status"
 """)
 
-# %% ../nbs/05_hpc.ipynb #affec63d
+# %% ../nbs/05_hpc.ipynb #cddae3b6
 WHERE = dict(pbs=('PBS_O_WORKDIR', 'PBS_JOBID'), torque=('PBS_O_WORKDIR', 'PBS_JOBID'), slurm=('SLURM_SUBMIT_DIR', 'SLURM_JOB_ID'))
 TASK_ID = dict(torque='PBS_ARRAYID', slurm='SLURM_ARRAY_TASK_ID')
 
@@ -201,7 +201,7 @@ def environment_lines(cluster:dict) -> list:
                     'if command -v apptainer >/dev/null 2>&1; then beadseg=(apptainer exec --nv "$image" beadseg)',
                     'else beadseg=(singularity exec --nv "$image" beadseg); fi']
 
-# %% ../nbs/05_hpc.ipynb #d896c464
+# %% ../nbs/05_hpc.ipynb #89f6b6b5
 def job_script(scheduler:str, # 'pbs', 'torque' or 'slurm'
                job:str, # 'array', 'summary' or 'sequential'
                run_dir, # The run folder
@@ -228,7 +228,7 @@ def job_script(scheduler:str, # 'pbs', 'torque' or 'slurm'
              *environment_lines(settings['cluster'])]
     return '\n'.join(lines) + '\n' + COMMON + TASKS[job]
 
-# %% ../nbs/05_hpc.ipynb #72358d75
+# %% ../nbs/05_hpc.ipynb #6d2b2b09
 def write_jobs(run_dir, # A planned run
                scheduler:str, # 'pbs', 'torque' or 'slurm'
                settings:dict, # Resources and environment
@@ -249,7 +249,7 @@ def write_jobs(run_dir, # A planned run
         paths[job].chmod(0o755)
     return paths
 
-# %% ../nbs/05_hpc.ipynb #66b1487c
+# %% ../nbs/05_hpc.ipynb #ae926b30
 ARRAY_ID = '<ARRAY_ID>'
 DEPEND = dict(pbs=['-W', 'depend=afterany:{}'], torque=['-W', 'depend=afteranyarray:{}'], slurm=['--dependency=afterany:{}'])
 
@@ -268,7 +268,7 @@ def job_id(scheduler:str, output:str) -> str:
     "The job id in the output of qsub or `sbatch --parsable` (which adds ';cluster' on federated sites)."
     return output.strip().split(';')[0] if scheduler == 'slurm' else output.strip()
 
-# %% ../nbs/05_hpc.ipynb #1596fe21
+# %% ../nbs/05_hpc.ipynb #4facd351
 def submit(run_dir, # A run planned by `beadseg search --plan-only`, or an earlier run
            scheduler:str, # 'pbs', 'torque' or 'slurm'
            settings:dict, # Resources and environment
