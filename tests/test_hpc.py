@@ -90,14 +90,14 @@ def test_directives(tmp_path, scheduler):
                    '-j oe', '-q gpuq', '-A proj7', '-J 0-3%3'],
             summary=['-N beadseg_summary', '-S /bin/bash', '-l select=1:ncpus=1', '-l walltime=01:00:00', '-j oe',
                      '-q gpuq', '-A proj7'],
-            sequential=['-N beadseg_sequential', '-S /bin/bash', '-l select=1:ncpus=16:ngpus=2:mem=64gb',
+            sequential=['-N beadseg_search', '-S /bin/bash', '-l select=1:ncpus=16:ngpus=2:mem=64gb',
                         '-l walltime=48:00:00', '-j oe', '-q gpuq', '-A proj7']),
         'torque': dict(
             array=['-N beadseg_array', '-S /bin/bash', '-l nodes=1:ppn=16:gpus=2', '-l mem=64gb', '-l walltime=12:00:00',
                    '-j oe', '-q gpuq', '-A proj7', '-t 0-3%3'],
             summary=['-N beadseg_summary', '-S /bin/bash', '-l nodes=1:ppn=1', '-l walltime=01:00:00', '-j oe',
                      '-q gpuq', '-A proj7'],
-            sequential=['-N beadseg_sequential', '-S /bin/bash', '-l nodes=1:ppn=16:gpus=2', '-l mem=64gb',
+            sequential=['-N beadseg_search', '-S /bin/bash', '-l nodes=1:ppn=16:gpus=2', '-l mem=64gb',
                         '-l walltime=48:00:00', '-j oe', '-q gpuq', '-A proj7']),
         'slurm': dict(
             array=['--job-name=beadseg_array', '--nodes=1', '--ntasks=1', '--cpus-per-task=16', '--time=12:00:00',
@@ -105,7 +105,7 @@ def test_directives(tmp_path, scheduler):
                    f'--output={logs}/slurm-%A_%a.out'],
             summary=['--job-name=beadseg_summary', '--nodes=1', '--ntasks=1', '--cpus-per-task=1', '--time=01:00:00',
                      '--partition=gpup', '--account=proj7', f'--output={logs}/slurm-%j.out'],
-            sequential=['--job-name=beadseg_sequential', '--nodes=1', '--ntasks=1', '--cpus-per-task=16',
+            sequential=['--job-name=beadseg_search', '--nodes=1', '--ntasks=1', '--cpus-per-task=16',
                         '--time=48:00:00', '--mem=64G', '--gres=gpu:a100:2', '--partition=gpup', '--account=proj7',
                         f'--output={logs}/slurm-%j.out']),
     }[scheduler]
