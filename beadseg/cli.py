@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['COMMANDS', 'command', 'show_settings', 'show_models', 'make_parser', 'main', 'fail', 'add_train_arguments',
-           'train_command']
+           'train_command', 'add_submit_arguments', 'submit_command']
 
 # %% ../nbs/11_cli.ipynb #f4636771
 import argparse, os, sys
@@ -95,3 +95,19 @@ def train_command(args):
         return 1
     print(f"beadseg train: {result['status']}, best validation Jaccard {result['best_val_jaccard']:.4f} at epoch "
           f"{result['best_epoch']} of {result['epochs_run']}; results in {config['out_dir']}")
+
+# %% ../nbs/11_cli.ipynb #c106809d
+def add_submit_arguments(parser):
+    "Arguments of `beadseg submit`."
+    parser.add_argument('run_dir', metavar='RUN_DIR', help='a run planned by `beadseg search --plan-only`, or an earlier run')
+    parser.add_argument('--scheduler', required=True, choices=('pbs', 'torque', 'slurm'), help='PBS Pro, Torque or Slurm')
+    parser.add_argument('--mode', choices=('array', 'sequential'), default='array',
+                        help='array: one configuration per subjob and a summary job (default); sequential: the whole search in one job')
+    parser.add_argument('--only-unfinished', action='store_true', help='array over the configurations without a finished result only')
+    parser.add_argument('--dry-run', action='store_true', help='write the job scripts and print the submit commands, submit nothing')
+
+@command('submit', 'write PBS/Torque/Slurm job scripts for a run and submit them', add_submit_arguments)
+def submit_command(args):
+    "Write and submit the job scripts of a run."
+    from beadseg.hpc import submit
+    return submit(args.run_dir, args.scheduler, settings_from_args(args), args.mode, args.only_unfinished, args.dry_run)

