@@ -99,5 +99,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'beadseg.report.seed_statements': ('report.html#seed_statements', 'beadseg/report.py'),
                                 'beadseg.report.status_counts': ('report.html#status_counts', 'beadseg/report.py'),
                                 'beadseg.report.stopping_statement': ('report.html#stopping_statement', 'beadseg/report.py'),
+                                'beadseg.report.tagged': ('report.html#tagged', 'beadseg/report.py'),
                                 'beadseg.report.to_html': ('report.html#to_html', 'beadseg/report.py'),
                                 'beadseg.report.training_limits': ('report.html#training_limits', 'beadseg/report.py')}}}
