@@ -12,7 +12,7 @@ __all__ = ['SCORE', 'FACTORS', 'FINISHED', 'COLUMNS', 'RANKED', 'CLEAR', 'NAMES'
            'insights', 'plot_factors', 'plot_heatmap', 'plot_learning_curves', 'plot_gaps', 'plot_compute',
            'image_html', 'per_image_table', 'to_html', 'tagged', 'render_report']
 
-# %% ../nbs/06_report.ipynb #2b65fa9b
+# %% ../nbs/06_report.ipynb #13f1b6b6
 import base64, json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ import numpy as np, pandas as pd
 import matplotlib.pyplot as plt, seaborn as sns
 import beadseg
 
-# %% ../nbs/06_report.ipynb #15ab6cf2
+# %% ../nbs/06_report.ipynb #0ba1b4a9
 SCORE = 'best_val_jacard'
 FACTORS = ('architecture', 'batch_size', 'loss_function', 'dropout', 'learning_rate')
 FINISHED = ('completed', 'early_stopped', 'nan')
@@ -28,7 +28,7 @@ COLUMNS = ['rank', 'config_id', *FACTORS, 'status', SCORE, 'val_dice', 'best_epo
            'seconds_per_epoch', 'images_per_second', 'params', 'baseline_jaccard', 'object_precision', 'object_recall',
            'object_f1', 'count_mae', 'device', 'error']
 
-# %% ../nbs/06_report.ipynb #df904272
+# %% ../nbs/06_report.ipynb #27727527
 def result_row(result:dict, # A configuration's parsed result.json
               ) -> dict:
     "One row of the results table from a configuration's result.json."
@@ -37,7 +37,7 @@ def result_row(result:dict, # A configuration's parsed result.json
     row.update({k: config.get(k) for k in FACTORS}, **{k: evaluation.get(k) for k in COLUMNS if k in evaluation})
     return {**row, SCORE: result.get('best_val_jaccard'), 'val_dice': evaluation.get('dice')}
 
-# %% ../nbs/06_report.ipynb #c67cb008
+# %% ../nbs/06_report.ipynb #023ff295
 def is_scored(results:pd.DataFrame) -> pd.Series:
     "Which rows finished training with a validation score."
     return results['status'].isin(FINISHED) & results[SCORE].notna()
@@ -51,7 +51,7 @@ def scored(results:pd.DataFrame) -> pd.DataFrame:
     "The scored rows, best first."
     return results[is_scored(results)].sort_values(SCORE, ascending=False, kind='stable')
 
-# %% ../nbs/06_report.ipynb #a9cd3281
+# %% ../nbs/06_report.ipynb #e2cf884c
 def read_json(path) -> dict: return json.loads(Path(path).read_text())
 
 def results_from_configs(run_dir:Path, # A search run folder
@@ -69,13 +69,14 @@ def mark_running(results:pd.DataFrame, run_dir:Path) -> pd.DataFrame:
     started = results['config_id'].map(lambda c: (Path(run_dir)/'configs'/str(c)/'history.csv').exists())
     return results.assign(status=results['status'].mask((results['status'] == 'pending') & started, 'running'))
 
-# %% ../nbs/06_report.ipynb #3f515a20
+# %% ../nbs/06_report.ipynb #3f900b1f
 def read_results_csv(path) -> pd.DataFrame:
-    "search_results_final.csv as a DataFrame, the status `nan` kept as text."
+    "search_results_final.csv as a DataFrame, the status `nan` kept as text and any missing column of `COLUMNS` added empty."
     table = pd.read_csv(path)
+    table = table.reindex(columns=[*table.columns, *(c for c in COLUMNS if c not in table)])
     return table.assign(status=pd.read_csv(path, usecols=['status'], dtype=str, keep_default_na=False)['status'])
 
-# %% ../nbs/06_report.ipynb #b1fed310
+# %% ../nbs/06_report.ipynb #d39f4df4
 def load_results(run_dir, # A search run folder
                 ) -> pd.DataFrame:
     "The run's ranked results table: search_results_final.csv when current, else rebuilt from configs/*/result.json."
@@ -87,7 +88,7 @@ def load_results(run_dir, # A search run folder
     else: table = results_from_configs(run_dir)
     return mark_running(table, run_dir)
 
-# %% ../nbs/06_report.ipynb #ecd74374
+# %% ../nbs/06_report.ipynb #a3a2a3cb
 @dataclass
 class Run:
     "A search run folder with its results table."
@@ -114,7 +115,7 @@ def load_run(run_dir) -> Run:
     search = read_json(run_dir/'search.json') if (run_dir/'search.json').exists() else {}
     return Run(run_dir, load_results(run_dir), search)
 
-# %% ../nbs/06_report.ipynb #567e1b53
+# %% ../nbs/06_report.ipynb #b92ab257
 def effect_table(results:pd.DataFrame, factor:str) -> pd.DataFrame:
     "Mean, standard deviation, max and count of the score per level of `factor` (scored rows)."
     return scored(results).groupby(factor)[SCORE].agg(['mean', 'std', 'max', 'count'])
@@ -123,7 +124,7 @@ def interaction_table(results:pd.DataFrame, rows:str='architecture', columns:str
     "Mean score for each combination of two factors."
     return scored(results).pivot_table(SCORE, rows, columns, aggfunc='mean')
 
-# %% ../nbs/06_report.ipynb #5d21e806
+# %% ../nbs/06_report.ipynb #dc844308
 def eta_squared(results:pd.DataFrame, factor:str) -> float:
     "Share of the score's variance explained by `factor` (NaN when undefined)."
     s = scored(results)
@@ -132,7 +133,7 @@ def eta_squared(results:pd.DataFrame, factor:str) -> float:
     if len(groups) < 2 or len(s) <= len(groups) or total <= 0: return float('nan')
     return float((groups['count'] * (groups['mean'] - y.mean()) ** 2).sum() / total)
 
-# %% ../nbs/06_report.ipynb #6ae5daaa
+# %% ../nbs/06_report.ipynb #d5cbde80
 def factor_effects(results:pd.DataFrame) -> pd.DataFrame:
     "Per varied factor: levels, eta squared, spread of means, best level and its lead; most explanatory first."
     rows = []
@@ -144,7 +145,7 @@ def factor_effects(results:pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=['factor', 'levels', 'eta_squared', 'spread', 'best', 'best_mean', 'runner_up', 'lead'])
     return table.sort_values(['eta_squared', 'spread'], ascending=False, na_position='last').set_index('factor')
 
-# %% ../nbs/06_report.ipynb #0fe53e57
+# %% ../nbs/06_report.ipynb #42b73254
 def status_counts(results:pd.DataFrame) -> dict:
     "Number of configurations planned, scored, diverged without a score, failed, running and pending."
     status = results['status']
@@ -163,7 +164,7 @@ def coverage_statement(results:pd.DataFrame) -> str:
     parts = ([f"not finished yet: {' and '.join(missing)}"] if missing else []) + ([' and '.join(broken)] if broken else [])
     return head + (f" ({'; '.join(parts)})" if parts else '') + '.'
 
-# %% ../nbs/06_report.ipynb #0f26aef7
+# %% ../nbs/06_report.ipynb #32b4a2f2
 def overview(run:Run) -> pd.Series:
     "The report's overview facts as a labelled Series."
     r, c = run.results, status_counts(run.results)
@@ -183,7 +184,7 @@ def overview(run:Run) -> pd.Series:
              'foreground fraction (mean)': data.get('foreground_mean')}
     return pd.Series({k: v for k, v in facts.items() if v is not None and v == v}, dtype=object, name='')
 
-# %% ../nbs/06_report.ipynb #b8495eb9
+# %% ../nbs/06_report.ipynb #41089d27
 RANKED = ['rank', 'config_id', 'architecture', 'batch_size', 'loss_function', SCORE, 'val_dice', 'object_f1', 'count_mae',
           'best_epoch', 'train_seconds']
 
@@ -197,7 +198,7 @@ def failures_table(results:pd.DataFrame) -> pd.DataFrame:
     bad = (results['status'] == 'failed') | ((results['status'] == 'nan') & results[SCORE].isna())
     return results[bad].reindex(columns=['config_id', 'architecture', 'batch_size', 'loss_function', 'status', 'error'])
 
-# %% ../nbs/06_report.ipynb #80b26150
+# %% ../nbs/06_report.ipynb #21d2ce71
 def best_epoch_gaps(run:Run, n:int|None=None) -> pd.DataFrame:
     "Train and validation Jaccard at the best epoch of the `n` best configurations (all by default)."
     rows = []
@@ -216,7 +217,7 @@ def training_limits(run:Run) -> dict:
         if 'patience' in config: return dict(patience=config['patience'], max_epochs=config.get('max_epochs'))
     return {}
 
-# %% ../nbs/06_report.ipynb #e4dc0682
+# %% ../nbs/06_report.ipynb #3db70fbd
 CLEAR = 0.01
 NAMES = dict(architecture='architecture', batch_size='batch size', loss_function='loss function', dropout='dropout',
              learning_rate='learning rate')
@@ -235,7 +236,7 @@ def factor_statement(results:pd.DataFrame) -> str:
     return (f"**{NAMES[top].capitalize()}** explains most of the variance in best validation Jaccard (eta squared {known[top]:.2f}"
             + (f'; {others}' if others else '') + f'). Best level of each factor: {leads}.')
 
-# %% ../nbs/06_report.ipynb #6c6af1b7
+# %% ../nbs/06_report.ipynb #07afdad9
 def batch_statement(results:pd.DataFrame) -> str:
     "Whether larger batch sizes helped (the seed's hypothesis)."
     s = scored(results)
@@ -249,7 +250,7 @@ def batch_statement(results:pd.DataFrame) -> str:
     if diff > 0: return f"Larger batches helped ({trend}), as the seed hypothesised."
     return f"Larger batches did not help; smaller ones scored higher ({trend}), contrary to the seed's hypothesis."
 
-# %% ../nbs/06_report.ipynb #703e4f22
+# %% ../nbs/06_report.ipynb #280b9419
 def architecture_statement(results:pd.DataFrame) -> str:
     "Whether residual connections and attention gates paid off."
     means = scored(results).groupby('architecture')[SCORE].mean()
@@ -261,7 +262,7 @@ def architecture_statement(results:pd.DataFrame) -> str:
         out.append(f'{feature} {verdict}: {added} averages {f3(means[added])} vs {plain} {f3(means[plain])} ({diff:+.3f}).')
     return ' '.join(out) or 'Too few architectures completed to judge residual connections or attention gates.'
 
-# %% ../nbs/06_report.ipynb #fb077762
+# %% ../nbs/06_report.ipynb #32a5fe0e
 def overfit_statement(gaps:pd.DataFrame) -> str:
     "Whether the best model overfits, from the train-validation gap at its best epoch."
     if gaps.empty: return 'No history of the best configuration is available, so overfitting cannot be judged.'
@@ -271,7 +272,7 @@ def overfit_statement(gaps:pd.DataFrame) -> str:
     return (f'At its best epoch the best model scores Jaccard {f3(g.train_jaccard)} on training crops and {f3(g.val_jaccard)} on '
             f'validation (gap {g.gap:+.3f}): {verdict}.' + typical)
 
-# %% ../nbs/06_report.ipynb #236753e9
+# %% ../nbs/06_report.ipynb #6bae792e
 def stopping_statement(results:pd.DataFrame, patience:int|None=None, max_epochs:int|None=None) -> str:
     "The typical best and stopping epoch against the patience and epoch cap."
     s = scored(results)
@@ -287,7 +288,7 @@ def stopping_statement(results:pd.DataFrame, patience:int|None=None, max_epochs:
                  else f' No run reached the cap of {max_epochs} epochs: early stopping ended every run.')
     return text
 
-# %% ../nbs/06_report.ipynb #7b7e8d40
+# %% ../nbs/06_report.ipynb #7e4e7283
 SEED_BEST = dict(architecture='attention_resunet', batch_size=16, loss_function='focal_tversky')
 SEED_RANGE = (0.21, 0.24)
 
@@ -314,7 +315,7 @@ def seed_statements(results:pd.DataFrame) -> list[str]:
                    + (f'{best / b:.1f} times that.' if best > 1.2 * b else 'barely above it: it has hardly learned the beads.'))
     return out
 
-# %% ../nbs/06_report.ipynb #c92e5fef
+# %% ../nbs/06_report.ipynb #54fac2a3
 def boundary_statement(results:pd.DataFrame) -> str:
     "Which ordered factors have their best level at the edge of the searched range."
     edges = []
@@ -327,7 +328,7 @@ def boundary_statement(results:pd.DataFrame) -> str:
     return ('At the edge of the search space: ' + '; '.join(edges) + ' — the optimum may lie beyond it.') if edges else \
            'No ordered factor with three or more levels has its best level at the edge of the search space.'
 
-# %% ../nbs/06_report.ipynb #f9d53e56
+# %% ../nbs/06_report.ipynb #420da47b
 def insights(results:pd.DataFrame, # The results table
              gaps:pd.DataFrame|None=None, # `best_epoch_gaps` of the run, best first
              patience:int|None=None, max_epochs:int|None=None, # The training limits, for the stopping statement
@@ -344,7 +345,7 @@ def insights(results:pd.DataFrame, # The results table
     if gaps is not None: out.append(overfit_statement(gaps))
     return [*out, stopping_statement(results, patience, max_epochs), *seed_statements(results)]
 
-# %% ../nbs/06_report.ipynb #bc175fca
+# %% ../nbs/06_report.ipynb #2d6a5837
 def plot_factors(results:pd.DataFrame) -> plt.Figure:
     "Best validation Jaccard by each searched factor: box per level with every configuration as a point."
     s, factors = scored(results), [f for f in FACTORS[:3] if f in results]
@@ -364,7 +365,7 @@ def plot_heatmap(results:pd.DataFrame) -> plt.Figure:
     ax.set(xlabel='loss function', ylabel='architecture'); fig.tight_layout()
     return fig
 
-# %% ../nbs/06_report.ipynb #2cfb8c1a
+# %% ../nbs/06_report.ipynb #cfb23bbc
 def plot_learning_curves(run:Run, n:int=5) -> plt.Figure|None:
     "Validation Jaccard per epoch of the `n` best configurations, their best epochs marked (None without histories)."
     curves = [(cid, run.history(cid)) for cid in scored(run.results)['config_id'].head(n)]
@@ -397,7 +398,7 @@ def plot_compute(results:pd.DataFrame) -> plt.Figure:
     ax.legend(fontsize=6, bbox_to_anchor=(1.02, 1), loc='upper left'); fig.tight_layout()
     return fig
 
-# %% ../nbs/06_report.ipynb #cd63af45
+# %% ../nbs/06_report.ipynb #dd904b73
 def image_html(path, # A PNG file
                width:int=900) -> str:
     "An <img> tag with the PNG embedded as base64."
@@ -410,7 +411,7 @@ def per_image_table(result:dict) -> pd.DataFrame:
                         columns=['image', 'true_count', 'predicted_count', 'jaccard'])
     return rows.assign(count_error=rows['predicted_count'] - rows['true_count']).set_index('image')
 
-# %% ../nbs/06_report.ipynb #1abf2a74
+# %% ../nbs/06_report.ipynb #415ac456
 TEMPLATE_NOTEBOOK = Path(beadseg.__file__).resolve().parent.parent/'nbs'/'report.ipynb'
 OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js -%}{%- endblock html_head_js -%}
@@ -436,7 +437,7 @@ def to_html(notebook, # An executed notebook file
     html.write_text(body, encoding='utf-8')
     return html
 
-# %% ../nbs/06_report.ipynb #c760df56
+# %% ../nbs/06_report.ipynb #89cb9c76
 def tagged(template) -> 'nbformat.NotebookNode':
     "The report notebook with its parameters cell and front-matter cell tagged."
     import nbformat
@@ -446,7 +447,7 @@ def tagged(template) -> 'nbformat.NotebookNode':
         if c.cell_type == 'markdown' and c.source.startswith('---') and 'skip_exec' in c.source: c.metadata['tags'] = ['remove-cell']
     return nb
 
-# %% ../nbs/06_report.ipynb #f2dde175
+# %% ../nbs/06_report.ipynb #4027baa4
 def render_report(run_dir, # A search run folder
                   out='reports', # Folder for <run name>.html
                   kernel:str='python3', # Jupyter kernel executing the notebook
