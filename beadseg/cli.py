@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['COMMANDS', 'command', 'show_settings', 'show_models', 'make_parser', 'main', 'fail', 'add_train_arguments',
-           'train_command', 'add_submit_arguments', 'submit_command']
+           'train_command', 'add_submit_arguments', 'submit_command', 'add_report_arguments', 'report_command']
 
 # %% ../nbs/11_cli.ipynb #f4636771
 import argparse, os, sys
@@ -111,3 +111,15 @@ def submit_command(args):
     "Write and submit the job scripts of a run."
     from beadseg.hpc import submit
     return submit(args.run_dir, args.scheduler, settings_from_args(args), args.mode, args.only_unfinished, args.dry_run)
+
+# %% ../nbs/11_cli.ipynb #a1edb7ce
+def add_report_arguments(parser):
+    "The `report` command's arguments."
+    parser.add_argument('run_dir', help='the search run folder (runs/hyperparam_comprehensive_...)')
+    parser.add_argument('--out', default='reports', help='folder for <run name>.html (default: reports)')
+
+@command('report', 'render the HTML report of a search run (also while it runs)', add_report_arguments)
+def report_command(args):
+    "Execute the report notebook for RUN_DIR and write OUT/<run name>.html."
+    from beadseg.report import render_report
+    render_report(args.run_dir, args.out)
