@@ -4,16 +4,19 @@
 
 # %% auto #0
 __all__ = ['COMMANDS', 'command', 'show_settings', 'show_models', 'make_parser', 'main', 'fail', 'add_train_arguments',
-           'train_command', 'add_submit_arguments', 'submit_command', 'add_report_arguments', 'report_command']
+           'check_or_record', 'stdout_log', 'train_command', 'add_search_arguments', 'dataset_ready', 'summarise',
+           'search_command', 'add_run_dir', 'add_run_one_arguments', 'run_one_command', 'collect_command',
+           'add_submit_arguments', 'submit_command', 'add_report_arguments', 'report_command']
 
-# %% ../nbs/11_cli.ipynb #f4636771
+# %% ../nbs/11_cli.ipynb #89725ac5
 import argparse, os, sys
+from pathlib import Path
 import beadseg
-from .config import add_settings_args, settings_from_args, format_settings
+from .config import add_settings_args, settings_from_args, format_settings, read_settings
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's info logs would bury the command's own output
 
-# %% ../nbs/11_cli.ipynb #37b591a6
+# %% ../nbs/11_cli.ipynb #70de9c00
 COMMANDS = {}
 
 def command(name:str, # The subcommand, as typed after `beadseg`
@@ -26,13 +29,13 @@ def command(name:str, # The subcommand, as typed after `beadseg`
         return run
     return register
 
-# %% ../nbs/11_cli.ipynb #257a0d52
+# %% ../nbs/11_cli.ipynb #414533ca
 @command('settings', 'print the settings a run would use (settings.ini plus overrides)')
 def show_settings(args):
     "Print the merged settings."
     print(format_settings(settings_from_args(args)), end='')
 
-# %% ../nbs/11_cli.ipynb #bf48b61c
+# %% ../nbs/11_cli.ipynb #3fab0c2f
 @command('models', 'print the parameter counts of the architectures',
          lambda p: p.add_argument('--channels', type=int, default=1, help='input channels (default 1)'))
 def show_models(args):
@@ -44,7 +47,7 @@ def show_models(args):
     print(f"input {side}x{side}x{args.channels}, base filters {s['train']['base_filters']}")
     print(table.to_string(formatters=['{:,}'.format] * len(table.columns)))
 
-# %% ../nbs/11_cli.ipynb #b1de8f37
+# %% ../nbs/11_cli.ipynb #05ec1bf6
 def make_parser() -> argparse.ArgumentParser:
     "The `beadseg` argument parser."
     parser = argparse.ArgumentParser(prog='beadseg', description='Find the best U-Net-family model for segmenting microbeads.')
@@ -71,32 +74,127 @@ def fail(command:str, message) -> int:
     print(f'beadseg {command}: error: {message}', file=sys.stderr)
     return 2
 
-# %% ../nbs/11_cli.ipynb #0fa54786
+# %% ../nbs/11_cli.ipynb #83c70bc1
 def add_train_arguments(parser):
     parser.add_argument('--architecture', help='default: the first of [search] architectures')
     parser.add_argument('--batch-size', type=int, help='default: the first of [search] batch_sizes')
     parser.add_argument('--loss-function', help='default: the first of [search] loss_functions')
     parser.add_argument('--out-dir', help='output folder (default: runs/train_<time>_<configuration>)')
 
+def check_or_record(config:dict):
+    "Check `config` before any notebook runs; if it cannot train, record that in its result.json and raise."
+    from beadseg.search import config_id, write_json
+    from beadseg.train import check_config
+    try: check_config(config)
+    except ValueError as err:
+        Path(config['out_dir']).mkdir(parents=True, exist_ok=True)
+        write_json(Path(config['out_dir'])/'result.json', dict(config=config, config_id=config_id(config), status='failed', error=str(err)))
+        raise
+
+def stdout_log():
+    "A logging handler printing bare lines to standard output (the notebook's output, as it comes)."
+    import logging
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter('%(message)s'))
+    return handler
+
 @command('train', 'train one configuration through the template notebook (papermill)', add_train_arguments)
 def train_command(args):
-    import datetime, logging
-    from beadseg.train import config_from_settings, config_id, run_config
+    import datetime
+    from beadseg.search import config_from_settings, config_id, run_config
     choices = {k: getattr(args, k) for k in ('architecture', 'batch_size', 'loss_function') if getattr(args, k) is not None}
     settings = settings_from_args(args)
     config = config_from_settings(settings, **choices)
     stamp = datetime.datetime.now().strftime('%Y%m%d_%H%M%S')
     config['out_dir'] = args.out_dir or f'runs/train_{stamp}_{config_id(config)}'
-    log = logging.StreamHandler(sys.stdout); log.setFormatter(logging.Formatter('%(message)s'))
+    check_or_record(config)
     print(f"beadseg train: {config_id(config)} -> {config['out_dir']}", flush=True)
-    result = run_config(config, settings['search']['timeout'], log)
+    result = run_config(config, settings['search']['timeout'], stdout_log())
     if result['status'] not in ('completed', 'early_stopped'):
         fail('train', f"{config['out_dir']}: {result['status']}: {result.get('error')}")
         return 1
     print(f"beadseg train: {result['status']}, best validation Jaccard {result['best_val_jaccard']:.4f} at epoch "
           f"{result['best_epoch']} of {result['epochs_run']}; results in {config['out_dir']}")
 
-# %% ../nbs/11_cli.ipynb #c106809d
+# %% ../nbs/11_cli.ipynb #7e142ff9
+def add_search_arguments(parser):
+    parser.add_argument('--out', default='runs', help='folder for the run folder (default: runs/)')
+    parser.add_argument('--dry-run', action='store_true', help='print the plan and exit')
+    parser.add_argument('--plan-only', action='store_true', help='create the run folder and its plan, train nothing')
+    parser.add_argument('--resume', metavar='RUN_DIR', help='continue this run (with its own settings.ini)')
+    parser.add_argument('--synthetic', action='store_true', help='generate synthetic beads at the dataset path if it has no dataset')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+
+def dataset_ready(settings:dict, synthetic=False):
+    "Validate the settings' dataset, generating synthetic beads there first when asked; a one-line error if unusable."
+    from beadseg import data
+    from beadseg.synthetic import synthesize
+    d = settings['data']
+    folder = Path(d['dataset'])
+    if not folder.exists():
+        if not synthetic:
+            raise ValueError(f'{folder}: no dataset there; give one with --dataset DIR, or add --synthetic to generate '
+                             f'synthetic beads there first (or run `beadseg demo`)')
+        print(f'beadseg: generating synthetic beads in {folder}', flush=True)
+        synthesize(folder, shrink=d['shrink'], seed=d['seed'])
+    return data.check_dataset(folder, d['image_size'], d['mask_suffix'], d['color'])
+
+def summarise(table) -> str:
+    from beadseg.search import FINISHED, SCORE
+    counts = table.status.value_counts()
+    done = table[table.status.isin(FINISHED) & table[SCORE].notna()]
+    best = f"; best {done.config_id.iloc[0]} with validation Jaccard {done[SCORE].iloc[0]:.4f}" if len(done) else ''
+    return ', '.join(f'{n} {s}' for s, n in counts.items()) + best
+
+@command('search', 'plan and run a grid or random search (one papermill notebook per configuration)', add_search_arguments)
+def search_command(args):
+    from beadseg import search
+    if args.resume:
+        run_dir = Path(args.resume)
+        search.read_plan(run_dir)
+        settings = read_settings(run_dir/'settings.ini')
+        print(f'beadseg search: resuming {run_dir} with its own settings ({run_dir}/settings.ini)', flush=True)
+    else:
+        settings = settings_from_args(args)
+        plan = search.make_plan(settings)
+        if args.dry_run:
+            print(plan.to_string(index=False))
+            print(f"{len(plan)} configurations ({settings['search']['search_type']} search); nothing was run (--dry-run)")
+            return
+        from beadseg.train import check_config
+        check_config(search.config_from_settings(settings, out_dir='-'))
+        dataset_ready(settings, args.synthetic)
+        run_dir = search.create_run(settings, args.out, plan)
+        print(f'beadseg search: {len(plan)} configurations planned in {run_dir}', flush=True)
+        if args.plan_only: return
+    table = search.run_search(run_dir, settings['search']['workers'], settings['search']['timeout'], progress=not args.no_progress)
+    print(f'beadseg search: {run_dir}: {summarise(table)}')
+    print(f'  ranked results: {run_dir}/search_results_final.csv; log: {run_dir}/search.log')
+    return 1 if (table.status == 'failed').any() or not table.status.isin(search.FINISHED).all() else 0
+
+# %% ../nbs/11_cli.ipynb #e4b12c47
+def add_run_dir(parser): parser.add_argument('run_dir', metavar='RUN_DIR', help='a search run folder')
+
+def add_run_one_arguments(parser):
+    add_run_dir(parser)
+    parser.add_argument('--index', type=int, required=True, help='the configuration\'s row in plan.csv')
+
+@command('run-one', 'train configuration K of a planned run (what scheduler array tasks call)', add_run_one_arguments)
+def run_one_command(args):
+    from beadseg import search
+    config = search.config_for(args.run_dir, args.index)
+    settings = read_settings(Path(args.run_dir)/'settings.ini')
+    result = search.run_config(config, settings['search']['timeout'], stdout_log())
+    print(f"beadseg run-one: {search.config_id(config)}: {result['status']}" + (f": {result['error']}" if result.get('error') else ''))
+    return 0 if result['status'] in search.FINISHED else 1
+
+@command('collect', "rebuild a run's results files from its configuration folders", add_run_dir)
+def collect_command(args):
+    from beadseg.search import collect
+    table = collect(args.run_dir)
+    print(f'beadseg collect: {args.run_dir}: {summarise(table)}')
+
+# %% ../nbs/11_cli.ipynb #f69507a8
 def add_submit_arguments(parser):
     "Arguments of `beadseg submit`."
     parser.add_argument('run_dir', metavar='RUN_DIR', help='a run planned by `beadseg search --plan-only`, or an earlier run')
@@ -112,7 +210,7 @@ def submit_command(args):
     from beadseg.hpc import submit
     return submit(args.run_dir, args.scheduler, settings_from_args(args), args.mode, args.only_unfinished, args.dry_run)
 
-# %% ../nbs/11_cli.ipynb #a1edb7ce
+# %% ../nbs/11_cli.ipynb #fc1d7cf2
 def add_report_arguments(parser):
     "The `report` command's arguments."
     parser.add_argument('run_dir', help='the search run folder (runs/hyperparam_comprehensive_...)')
