@@ -10,8 +10,8 @@ __all__ = ['IMAGE_EXTENSIONS', 'CHANNELS', 'read_pixels', 'named', 'drop_unit_ax
            'read_labels', 'load_arrays', 'affine_transform', 'warp', 'geometric_augment', 'photometric_augment',
            'random_crop', 'tiles', 'fits_in_memory', 'make_dataset']
 
-# %% ../nbs/02_data.ipynb #9d61a5da
-import json, os
+# %% ../nbs/02_data.ipynb #09ca9efd
+import json, logging, os
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -23,12 +23,16 @@ from skimage.segmentation import find_boundaries, expand_labels
 # %% ../nbs/02_data.ipynb #f572e10b
 IMAGE_EXTENSIONS = ('.tif', '.tiff', '.png', '.jpg', '.jpeg')
 
+logging.getLogger('tifffile').setLevel(logging.CRITICAL)  # it logs about corrupt files; we report them ourselves
+
 def read_pixels(path, # An image file with one of `IMAGE_EXTENSIONS`
                ) -> np.ndarray:
     "The array stored in `path`, unchanged; a `ValueError` naming the file when it cannot be read."
     path = Path(path)
-    try: return tifffile.imread(path) if path.suffix.lower() in ('.tif', '.tiff') else iio.imread(path)
-    except Exception: raise ValueError(f'{path}: unreadable or corrupt image file') from None
+    try: pixels = tifffile.imread(path) if path.suffix.lower() in ('.tif', '.tiff') else iio.imread(path)
+    except Exception: pixels = None
+    if pixels is None or pixels.size == 0: raise ValueError(f'{path}: unreadable or corrupt image file')
+    return pixels
 
 def named(path, # The file a problem is about
           err:Exception, # The problem
@@ -283,7 +287,7 @@ def split_dataset(stems, # Image stems
                  ) -> tuple:
     "(train_stems, val_stems, warnings): a validation split stratified by bead density."
     stems = sorted(stems)
-    if len(stems) < 2: raise ValueError(f'{len(stems)} image(s): a validation split needs at least 2')
+    if len(stems) < 2: raise ValueError(f'a validation split needs at least 2 images, got {len(stems)}')
     rng, n_val = np.random.default_rng(seed), int(min(max(round(val_split * len(stems)), 1), len(stems) - 1))
     bins = density_bins(np.array([bead_counts[s] for s in stems]), min(4, n_val, len(stems) - n_val))
     sizes, warnings = np.bincount(bins), []
