@@ -57,6 +57,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'beadseg.data.read_labels': ('data.html#read_labels', 'beadseg/data.py'),
                               'beadseg.data.read_mask': ('data.html#read_mask', 'beadseg/data.py'),
                               'beadseg.data.read_pixels': ('data.html#read_pixels', 'beadseg/data.py'),
+                              'beadseg.data.rotation_matrix': ('data.html#rotation_matrix', 'beadseg/data.py'),
                               'beadseg.data.save_split': ('data.html#save_split', 'beadseg/data.py'),
                               'beadseg.data.shrink_labels': ('data.html#shrink_labels', 'beadseg/data.py'),
                               'beadseg.data.split_dataset': ('data.html#split_dataset', 'beadseg/data.py'),

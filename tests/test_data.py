@@ -8,7 +8,7 @@ from conftest import run_beadseg
 from beadseg.synthetic import synthesize
 from beadseg.data import (find_pairs, read_image, read_mask, read_labels, load_arrays, validate_dataset, check_dataset,
                           split_dataset, density_bins, save_split, load_split, make_dataset, geometric_augment,
-                          affine_transform, warp, shrink_labels)
+                          affine_transform, rotation_matrix, warp, shrink_labels)
 
 
 def fingerprint(folder):
@@ -239,7 +239,7 @@ def test_geometric_augmentation_keeps_image_and_mask_aligned():
         assert iou(aug_image > 0.5, aug_mask > 0.5) > 0.9
         changed += iou(aug_mask > 0.5, mask > 0.5) < 0.5
     assert changed > 12          # the transforms really move things
-    t = affine_transform(np.float32(0.26), np.float32(1.1), 64)   # the small rotation and scaling on their own
+    t = affine_transform(rotation_matrix(np.float32(0.26), np.float32(1.1)), 64)   # the small rotation and zoom on their own
     rotated, rotated_mask = warp(image, t, 'BILINEAR').numpy(), warp(mask, t, 'NEAREST').numpy()
     assert iou(rotated > 0.5, rotated_mask > 0.5) > 0.9 and iou(rotated_mask > 0.5, mask > 0.5) < 0.8
     assert set(np.unique(rotated_mask)) <= {0., 1.}
