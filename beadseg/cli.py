@@ -6,7 +6,8 @@
 __all__ = ['COMMANDS', 'command', 'show_settings', 'show_models', 'make_parser', 'main', 'fail', 'add_train_arguments',
            'check_or_record', 'stdout_log', 'train_command', 'add_search_arguments', 'dataset_ready', 'summarise',
            'search_command', 'add_run_dir', 'add_run_one_arguments', 'run_one_command', 'collect_command',
-           'add_submit_arguments', 'submit_command', 'add_report_arguments', 'report_command']
+           'add_submit_arguments', 'submit_command', 'add_report_arguments', 'report_command', 'add_synth_arguments',
+           'synth_command', 'validate_command']
 
 # %% ../nbs/11_cli.ipynb #89725ac5
 import argparse, os, sys
@@ -221,3 +222,31 @@ def report_command(args):
     "Execute the report notebook for RUN_DIR and write OUT/<run name>.html."
     from beadseg.report import render_report
     render_report(args.run_dir, args.out)
+
+# %% ../nbs/11_cli.ipynb #5dc35890
+def add_synth_arguments(parser):
+    "`beadseg synth`'s own arguments."
+    parser.add_argument('out', help='folder to write images/, masks/ and labels/ to')
+    parser.add_argument('--n-images', type=int, default=40, help='number of images (default 40)')
+    parser.add_argument('--size', type=int, default=512, help='image side in pixels (default 512)')
+
+@command('synth', 'generate a synthetic microbead dataset', add_synth_arguments)
+def synth_command(args):
+    "Write a synthetic dataset and print its summary."
+    from beadseg.synthetic import synthesize
+    from beadseg.data import validate_dataset
+    s = settings_from_args(args)['data']
+    out = synthesize(args.out, args.n_images, args.size, seed=s['seed'], shrink=s['shrink'])
+    print(validate_dataset(out, args.size).table())
+
+# %% ../nbs/11_cli.ipynb #e625d027
+@command('validate', 'check a dataset and print its summary; exit status 1 if it is unusable',
+         lambda p: p.add_argument('folder', nargs='?', help='dataset folder (default: [data] dataset)'))
+def validate_command(args):
+    "Print the dataset's summary, warnings and errors; 1 when it is not usable."
+    from beadseg.data import validate_dataset
+    s = settings_from_args(args)['data']
+    report = validate_dataset(args.folder or s['dataset'], s['image_size'], s['mask_suffix'], s['color'])
+    print(report.table())
+    for line in [f'warning: {w}' for w in report.warnings] + [f'error: {e}' for e in report.errors]: print(line)
+    return 0 if report.ok else 1
