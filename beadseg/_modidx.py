@@ -232,6 +232,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'beadseg.train.StopOnSignal.on_train_end': ('train.html#stoponsignal.on_train_end', 'beadseg/train.py'),
                                'beadseg.train.build_or_resume': ('train.html#build_or_resume', 'beadseg/train.py'),
                                'beadseg.train.check_config': ('train.html#check_config', 'beadseg/train.py'),
+                               'beadseg.train.crops_per_image': ('train.html#crops_per_image', 'beadseg/train.py'),
                                'beadseg.train.device_name': ('train.html#device_name', 'beadseg/train.py'),
                                'beadseg.train.environment': ('train.html#environment', 'beadseg/train.py'),
                                'beadseg.train.evaluate': ('train.html#evaluate', 'beadseg/train.py'),

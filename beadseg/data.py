@@ -427,6 +427,7 @@ def make_dataset(samples:list, # Pairs from `find_pairs` (or `DatasetReport.samp
                  shrink:int=0, # See `read_mask`
                  color:str='gray', # See `as_channels`
                  cache:bool=True, # Keep decoded images in memory when they fit (see `fits_in_memory`)
+                 crops_per_image:int=1, # Training: random crops of each image per epoch (each pass reshuffled)
                 ):
     "A `tf.data.Dataset` of batches (image float32 (B, S, S, C) in [0, 1], mask float32 (B, S, S, 1) in {0, 1}); one pass is one epoch."
     import tensorflow as tf
@@ -448,7 +449,8 @@ def make_dataset(samples:list, # Pairs from `find_pairs` (or `DatasetReport.samp
                 image = photometric_augment(image, s[2])
             return image, mask
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds.shuffle(len(samples), seed=seed, reshuffle_each_iteration=True), seeds)
+        shuffled = ds.shuffle(len(samples), seed=seed, reshuffle_each_iteration=True).repeat(crops_per_image)
+        ds = tf.data.Dataset.zip(shuffled, seeds)
         ds = ds.map(crop_augment, num_parallel_calls=tf.data.AUTOTUNE)
     else: ds = ds.flat_map(lambda image, mask: tiles(image, mask, image_size))
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -96,7 +96,7 @@ def test_sigterm_then_kill_then_rerun_continues_without_duplicates(beads, tmp_pa
 def test_bad_configuration_fails_at_once_with_one_line_and_a_result(beads, tmp_path, args, message):
     out = tmp_path/'run'
     done = train_cli(beads, out, '--max-epochs', '1', *args)
-    assert done.returncode == 1 and 'Traceback' not in done.stderr
+    assert done.returncode == 2 and 'Traceback' not in done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('beadseg train: error: ') and message in lines[0]
     result = json.loads((out/'result.json').read_text())
@@ -104,7 +104,7 @@ def test_bad_configuration_fails_at_once_with_one_line_and_a_result(beads, tmp_p
     assert not (out/'train.ipynb').exists()  # failed before any notebook ran
 
 
-@pytest.mark.parametrize('case, message', [('batch', 'is larger than the training set'), ('dataset', 'no images')])
+@pytest.mark.parametrize('case, message', [('batch', 'is larger than the training set'), ('dataset', 'images: no images (.tif')])
 def test_unusable_data_fails_before_training(beads, tmp_path, case, message):
     out = tmp_path/'run'
     if case == 'batch': done = train_cli(beads, out, '--max-epochs', '1', '--batch-size', '64')
@@ -121,8 +121,8 @@ def test_unusable_data_fails_before_training(beads, tmp_path, case, message):
 def tiny_config(beads, out, **changes):
     from beadseg.config import PROJECT_SETTINGS, load_settings
     from beadseg.train import config_from_settings
-    return config_from_settings(load_settings(PROJECT_SETTINGS), dataset=str(beads), out_dir=str(out), image_size=64,
-                                base_filters=8, batch_size=4, val_split=0.25, **changes)
+    tiny = dict(dataset=str(beads), out_dir=str(out), image_size=64, base_filters=8, batch_size=4, val_split=0.25)
+    return config_from_settings(load_settings(PROJECT_SETTINGS), **{**tiny, **changes})
 
 
 def test_patience_stops_early_and_keeps_the_best_epoch(beads, tmp_path):
@@ -148,3 +148,18 @@ def test_same_seed_same_history(beads, tmp_path):
     a, b = (pd.read_csv(tmp_path/name/'history.csv').drop(columns='epoch_seconds') for name in ('a', 'b'))
     pd.testing.assert_frame_equal(a, b)
     assert runs[0]['evaluation'] == runs[1]['evaluation']
+
+
+def test_the_pipeline_learns_beads(tmp_path):
+    "Beads of their normal size (512 px images, about 10 px radius), seen through 64 x 64 crops."
+    from beadseg.synthetic import synthesize
+    from beadseg.train import train
+    beads = synthesize(tmp_path/'beads', n_images=10, size=512, seed=3)
+    config = tiny_config(beads, tmp_path/'run', batch_size=8, learning_rate=2e-3, loss_function='combined', max_epochs=6,
+                         patience=6, val_split=0.2)
+    result = train(config, verbose=0)
+    evaluation = result['evaluation']
+    print({k: v for k, v in evaluation.items() if k != 'per_image'}, result['best_epoch'], result['train_seconds'])
+    assert result['best_val_jaccard'] >= 0.6 and evaluation['jaccard'] >= 0.6
+    assert evaluation['jaccard'] > 4 * evaluation['baseline_jaccard']
+    assert evaluation['object_f1'] > 0.5

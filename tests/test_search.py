@@ -1,0 +1,124 @@
+"The search command: plans, a real papermill search with a failing configuration, collect, resume after kill -9."
+import json, os, signal, subprocess, sys, time
+import pandas as pd, pytest
+from conftest import run_beadseg, ROOT
+
+TINY = ('--image-size', '64', '--base-filters', '8', '--max-epochs', '2', '--learning-rate', '1e-3', '--val-split', '0.25',
+        '--search-type', 'grid', '--architectures', 'unet', '--no-progress')
+
+
+@pytest.fixture(scope='module')
+def beads(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('data')/'beads'
+    done = run_beadseg('synth', folder, '--n-images', '8', '--size', '128')
+    assert done.returncode == 0, done.stderr
+    return folder
+
+
+def the_run(out):
+    runs = list(out.glob('hyperparam_comprehensive_*'))
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path):
+    done = run_beadseg('search', '--dry-run', '--search-type', 'grid', '--out', tmp_path/'runs', cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert '36 configurations (grid search); nothing was run' in done.stdout
+    assert '035_attention_resunet_bs32_combined_tversky' in done.stdout
+    assert not (tmp_path/'runs').exists()
+    random = run_beadseg('search', '--dry-run', '--n-random', '40', cwd=tmp_path)
+    assert random.returncode == 2
+    assert random.stderr.strip() == ('beadseg search: error: n_random = 40 is larger than the grid (36 configurations); '
+                                     'use a smaller --n-random or --search-type grid')
+
+
+def test_missing_dataset_says_so_and_offers_synthetic(tmp_path):
+    done = run_beadseg('search', '--plan-only', cwd=tmp_path)
+    assert done.returncode == 2 and 'Traceback' not in done.stderr
+    assert done.stderr.strip() == ('beadseg search: error: dataset_shrunk_masks: no dataset there; give one with --dataset DIR, '
+                                   'or add --synthetic to generate synthetic beads there first (or run `beadseg demo`)')
+    assert not (tmp_path/'runs').exists()
+
+
+@pytest.fixture(scope='module')
+def search_run(beads, tmp_path_factory):
+    "A real two-configuration search: batch 4 trains, batch 64 is larger than the training set and fails."
+    out = tmp_path_factory.mktemp('search')/'runs'
+    done = run_beadseg('search', '--dataset', beads, '--out', out, *TINY, '--batch-sizes', '4,64', '--loss-functions', 'dice',
+                       timeout=600)
+    return done, the_run(out)
+
+
+def test_search_writes_every_file_and_records_the_failure(search_run):
+    done, run = search_run
+    assert done.returncode == 1  # one configuration failed
+    assert '1 completed, 1 failed; best 000_unet_bs4_dice' in done.stdout
+    ids = ['000_unet_bs4_dice', '001_unet_bs64_dice']
+    for name in ('plan.csv', 'search.log', 'settings.ini', 'split.json', 'search.json', 'search_results.csv',
+                 'search_results_final.csv', 'best_hyperparameters.json', f'history_{ids[0]}.csv', f'model_{ids[0]}.keras'):
+        assert (run/name).is_file(), name
+    for name in ('history.csv', 'model.keras', 'train.ipynb', 'result.json', 'predictions.png'):
+        assert (run/'configs'/ids[0]/name).is_file(), name
+    final = pd.read_csv(run/'search_results_final.csv')
+    assert list(final.config_id) == ids and list(final['rank']) == [1, 2]
+    assert list(final.status) == ['completed', 'failed']
+    assert 'is larger than the training set' in final.error[1]
+    result = json.loads((run/'configs'/ids[0]/'result.json').read_text())
+    assert final.best_val_jacard[0] == pytest.approx(result['best_val_jaccard'])
+    assert final.object_f1[0] == pytest.approx(result['evaluation']['object_f1'])
+    best = json.loads((run/'best_hyperparameters.json').read_text())
+    assert best['config_id'] == ids[0] and best['batch_size'] == 4
+    log = (run/'search.log').read_text()
+    assert f'start {ids[0]}' in log and f'finish {ids[1]}: failed' in log and 'Epoch 2/2' in log
+
+
+def test_the_seeds_analysis_snippet_runs_verbatim(search_run):
+    _, run = search_run
+    snippet = f"""
+import pandas as pd
+df = pd.read_csv('{run}/search_results_final.csv')
+print(df.groupby('architecture')['best_val_jacard'].agg(['mean', 'max', 'count']))
+print(df.groupby('batch_size')['best_val_jacard'].agg(['mean', 'max', 'count']))
+print(df.groupby('loss_function')['best_val_jacard'].agg(['mean', 'max', 'count']))
+print(df.iloc[0])
+"""
+    done = subprocess.run([sys.executable, '-c', snippet], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert 'unet' in done.stdout and '000_unet_bs4_dice' in done.stdout
+
+
+def test_collect_rebuilds_the_same_results(search_run):
+    _, run = search_run
+    before = pd.read_csv(run/'search_results_final.csv')
+    (run/'search_results_final.csv').unlink(); (run/'best_hyperparameters.json').unlink()
+    done = run_beadseg('collect', run)
+    assert done.returncode == 0, done.stderr
+    pd.testing.assert_frame_equal(pd.read_csv(run/'search_results_final.csv'), before)
+    rerun = run_beadseg('run-one', run, '--index', '0')  # finished: a no-op
+    assert rerun.returncode == 0 and 'completed' in rerun.stdout
+
+
+def test_kill_9_of_the_driver_then_resume_completes(beads, tmp_path):
+    out = tmp_path/'runs'
+    exe = os.path.join(os.path.dirname(sys.executable), 'beadseg')
+    args = [exe, 'search', '--dataset', str(beads), '--out', str(out), *TINY, '--batch-sizes', '4', '--loss-functions', 'dice,combined',
+            '--max-epochs', '3']
+    driver = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.time() + 300
+    while time.time() < end:  # wait for the first configuration's first epoch
+        histories = list(out.glob('*/configs/000_*/history.csv'))
+        if histories and len(pd.read_csv(histories[0])) >= 1: break
+        assert driver.poll() is None, driver.communicate()
+        time.sleep(0.2)
+    driver.kill()
+    driver.communicate()
+    run = the_run(out)
+    done = run_beadseg('search', '--resume', run, '--no-progress', timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert '2 completed' in done.stdout
+    final = pd.read_csv(run/'search_results_final.csv')
+    assert len(final) == 2 and set(final.status) == {'completed'} and final.config_id.is_unique
+    for config in final.config_id:
+        assert list(pd.read_csv(run/'configs'/config/'history.csv').epoch) == [1, 2, 3]
+    assert 'resume' in (run/'search.log').read_text()
