@@ -122,3 +122,12 @@ def test_kill_9_of_the_driver_then_resume_completes(beads, tmp_path):
     for config in final.config_id:
         assert list(pd.read_csv(run/'configs'/config/'history.csv').epoch) == [1, 2, 3]
     assert 'resume' in (run/'search.log').read_text()
+
+
+def test_report_renders_from_a_real_partly_failed_search(search_run, tmp_path):
+    _, run = search_run
+    done = run_beadseg('report', run, '--out', tmp_path/'reports', timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    html = (tmp_path/'reports'/f'{run.name}.html').read_text()
+    assert '000_unet_bs4_dice' in html and 'is larger than the training set' in html
+    assert (run/'report.ipynb').is_file()
