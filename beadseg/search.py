@@ -9,7 +9,7 @@ __all__ = ['PARAMETERS', 'FINISHED', 'FACTORS', 'TEMPLATE', 'SCORE', 'COLUMNS', 
            'rank_results', 'results_table', 'link_or_copy', 'collect', 'gpu_count', 'die_with_parent', 'search_logger',
            'best_so_far', 'run_search']
 
-# %% ../nbs/04_search.ipynb #e8b00505
+# %% ../nbs/04_search.ipynb #91ed8793
 import contextlib, ctypes, datetime, fcntl, itertools, json, logging, os, random, shutil, signal, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +17,7 @@ import pandas as pd
 import beadseg
 from .config import PROJECT_SETTINGS, load_settings, read_settings, write_settings
 
-# %% ../nbs/04_search.ipynb #5080a75d
+# %% ../nbs/04_search.ipynb #cfed9c85
 PARAMETERS = ('architecture', 'batch_size', 'loss_function', 'dropout', 'learning_rate', 'patience', 'max_epochs',
               'image_size', 'base_filters', 'dataset', 'mask_suffix', 'color', 'shrink', 'val_split', 'seed',
               'augment', 'out_dir', 'mixed_precision', 'jit_compile')
@@ -39,7 +39,7 @@ def config_id(config:dict) -> str:
     "A short readable name for `config`'s searched choices, e.g. `attention_resunet_bs16_focal_tversky`."
     return f"{config['architecture']}_bs{config['batch_size']}_{config['loss_function']}"
 
-# %% ../nbs/04_search.ipynb #67247ebf
+# %% ../nbs/04_search.ipynb #805b9b7d
 FINISHED = ('completed', 'early_stopped', 'nan', 'failed')  # a rerun of these is a no-op
 
 def write_json(path, obj) -> Path:
@@ -60,14 +60,15 @@ def write_csv(path, table:pd.DataFrame) -> Path:
 
 def read_result(out_dir) -> dict|None:
     "The `result.json` in `out_dir`, or None if there is none (or it is unreadable)."
-    try: return json.loads((Path(out_dir)/'result.json').read_text())
+    try: result = json.loads((Path(out_dir)/'result.json').read_text())
     except (OSError, ValueError): return None
+    return result if isinstance(result, dict) else None
 
 def is_finished(out_dir) -> bool:
     "Whether the configuration in `out_dir` has a final status (rerunning it would do nothing)."
     return (read_result(out_dir) or {}).get('status') in FINISHED
 
-# %% ../nbs/04_search.ipynb #264ddcf0
+# %% ../nbs/04_search.ipynb #7631b950
 FACTORS = ('architecture', 'batch_size', 'loss_function', 'dropout', 'learning_rate')
 
 def grid(settings:dict) -> pd.DataFrame:
@@ -89,7 +90,7 @@ def make_plan(settings:dict) -> pd.DataFrame:
     plan.insert(0, 'index', range(len(plan)))
     return plan
 
-# %% ../nbs/04_search.ipynb #4c220be2
+# %% ../nbs/04_search.ipynb #1b596d24
 def create_run(settings:dict, # The merged settings
                out='runs', # Where run folders go
                plan:pd.DataFrame=None, # Default: `make_plan(settings)`
@@ -113,7 +114,10 @@ def read_plan(run_dir) -> pd.DataFrame:
     "The run's plan.csv."
     path = Path(run_dir)/'plan.csv'
     if not path.is_file(): raise ValueError(f'{path}: not found; plan the run first with `beadseg search --plan-only`')
-    return pd.read_csv(path)
+    plan = pd.read_csv(path)
+    if not {'index', 'config_id'} <= set(plan.columns) or not pd.api.types.is_integer_dtype(plan['index']):
+        raise ValueError(f'{path}: expected columns index (integers) and config_id')
+    return plan
 
 def config_for(run_dir, index:int) -> dict:
     "The configuration of plan row `index`: the run's settings snapshot with that row's choices."
@@ -129,7 +133,7 @@ def unfinished_indices(run_dir) -> list[int]:
     plan = read_plan(run_dir)
     return [int(i) for i, c in zip(plan['index'], plan['config_id']) if not is_finished(Path(run_dir)/'configs'/c)]
 
-# %% ../nbs/04_search.ipynb #8c9db087
+# %% ../nbs/04_search.ipynb #280996f1
 TEMPLATE = PROJECT_SETTINGS.parent/'nbs'/'train.ipynb'
 
 @contextlib.contextmanager
@@ -152,7 +156,7 @@ def config_lock(out_dir):
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
-# %% ../nbs/04_search.ipynb #6e9865d8
+# %% ../nbs/04_search.ipynb #3aec38a2
 def failure_reason(err:Exception, timeout:int) -> str:
     "One line saying why papermill's run failed."
     import papermill
@@ -196,7 +200,7 @@ def run_config(config:dict, # The configuration; its `out_dir` is where everythi
             if log is not None: notebook_log.removeHandler(log)
     return read_result(out_dir) or dict(config=config, status='failed', error='the notebook wrote no result.json')
 
-# %% ../nbs/04_search.ipynb #9a8bbaaa
+# %% ../nbs/04_search.ipynb #5fb7fc61
 SCORE = 'best_val_jacard'  # the seed's spelling, kept so its analysis snippet runs unchanged
 COLUMNS = ['rank', 'config_id', *FACTORS, 'status', SCORE, 'val_dice', 'best_epoch', 'epochs_run', 'train_seconds',
            'seconds_per_epoch', 'images_per_second', 'params', 'baseline_jaccard', 'object_precision', 'object_recall',
@@ -224,7 +228,7 @@ def results_table(run_dir) -> pd.DataFrame:
         rows.append({**row, **{k: step[k] for k in FACTORS}, 'config_id': step['config_id']})
     return rank_results(pd.DataFrame(rows, columns=COLUMNS))
 
-# %% ../nbs/04_search.ipynb #30483770
+# %% ../nbs/04_search.ipynb #8c186884
 def link_or_copy(source:Path, target:Path):
     "Make `target` a hard link to `source` (a copy where links are impossible), replacing it."
     tmp = target.with_name(f'.{target.name}.tmp')
@@ -258,7 +262,7 @@ def collect(run_dir, # A search run folder
                 configuration=result['config']))
     return table
 
-# %% ../nbs/04_search.ipynb #4d20fb30
+# %% ../nbs/04_search.ipynb #2397c671
 def gpu_count() -> int:
     "GPUs that nvidia-smi lists (0 without it); the driver does not load TensorFlow to ask."
     try: return len(subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=30).stdout.strip().splitlines())
@@ -278,7 +282,7 @@ def search_logger(run_dir) -> logging.Logger:
         log.addHandler(handler); log.setLevel(logging.INFO); log.propagate = False
     return log
 
-# %% ../nbs/04_search.ipynb #0d74b00d
+# %% ../nbs/04_search.ipynb #0c32917f
 def best_so_far(table:pd.DataFrame) -> str:
     scored = table[table.status.isin(FINISHED) & table[SCORE].notna()]
     return f"{scored[SCORE].iloc[0]:.3f} ({scored.config_id.iloc[0]})" if len(scored) else '-'
