@@ -7,9 +7,9 @@ __all__ = ['COMMANDS', 'command', 'show_settings', 'show_models', 'make_parser',
            'check_or_record', 'stdout_log', 'train_command', 'add_search_arguments', 'dataset_ready', 'summarise',
            'search_command', 'add_run_dir', 'add_run_one_arguments', 'run_one_command', 'collect_command',
            'add_submit_arguments', 'submit_command', 'add_report_arguments', 'report_command', 'add_synth_arguments',
-           'synth_command', 'validate_command']
+           'synth_command', 'validate_command', 'add_demo_arguments', 'demo_command']
 
-# %% ../nbs/11_cli.ipynb #89725ac5
+# %% ../nbs/11_cli.ipynb #f20c4bb7
 import argparse, os, sys
 from pathlib import Path
 import beadseg
@@ -17,7 +17,7 @@ from .config import add_settings_args, settings_from_args, format_settings, read
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's info logs would bury the command's own output
 
-# %% ../nbs/11_cli.ipynb #70de9c00
+# %% ../nbs/11_cli.ipynb #a23d0cd5
 COMMANDS = {}
 
 def command(name:str, # The subcommand, as typed after `beadseg`
@@ -30,13 +30,13 @@ def command(name:str, # The subcommand, as typed after `beadseg`
         return run
     return register
 
-# %% ../nbs/11_cli.ipynb #414533ca
+# %% ../nbs/11_cli.ipynb #491071e4
 @command('settings', 'print the settings a run would use (settings.ini plus overrides)')
 def show_settings(args):
     "Print the merged settings."
     print(format_settings(settings_from_args(args)), end='')
 
-# %% ../nbs/11_cli.ipynb #3fab0c2f
+# %% ../nbs/11_cli.ipynb #cc054cba
 @command('models', 'print the parameter counts of the architectures',
          lambda p: p.add_argument('--channels', type=int, default=1, help='input channels (default 1)'))
 def show_models(args):
@@ -48,7 +48,7 @@ def show_models(args):
     print(f"input {side}x{side}x{args.channels}, base filters {s['train']['base_filters']}")
     print(table.to_string(formatters=['{:,}'.format] * len(table.columns)))
 
-# %% ../nbs/11_cli.ipynb #05ec1bf6
+# %% ../nbs/11_cli.ipynb #c42c76a6
 def make_parser() -> argparse.ArgumentParser:
     "The `beadseg` argument parser."
     parser = argparse.ArgumentParser(prog='beadseg', description='Find the best U-Net-family model for segmenting microbeads.')
@@ -75,7 +75,7 @@ def fail(command:str, message) -> int:
     print(f'beadseg {command}: error: {message}', file=sys.stderr)
     return 2
 
-# %% ../nbs/11_cli.ipynb #83c70bc1
+# %% ../nbs/11_cli.ipynb #5192d993
 def add_train_arguments(parser):
     parser.add_argument('--architecture', help='default: the first of [search] architectures')
     parser.add_argument('--batch-size', type=int, help='default: the first of [search] batch_sizes')
@@ -117,7 +117,7 @@ def train_command(args):
     print(f"beadseg train: {result['status']}, best validation Jaccard {result['best_val_jaccard']:.4f} at epoch "
           f"{result['best_epoch']} of {result['epochs_run']}; results in {config['out_dir']}")
 
-# %% ../nbs/11_cli.ipynb #7e142ff9
+# %% ../nbs/11_cli.ipynb #9c457ed2
 def add_search_arguments(parser):
     parser.add_argument('--out', default='runs', help='folder for the run folder (default: runs/)')
     parser.add_argument('--dry-run', action='store_true', help='print the plan and exit')
@@ -173,7 +173,7 @@ def search_command(args):
     print(f'  ranked results: {run_dir}/search_results_final.csv; log: {run_dir}/search.log')
     return 1 if (table.status == 'failed').any() or not table.status.isin(search.FINISHED).all() else 0
 
-# %% ../nbs/11_cli.ipynb #e4b12c47
+# %% ../nbs/11_cli.ipynb #0e94a04f
 def add_run_dir(parser): parser.add_argument('run_dir', metavar='RUN_DIR', help='a search run folder')
 
 def add_run_one_arguments(parser):
@@ -195,7 +195,7 @@ def collect_command(args):
     table = collect(args.run_dir)
     print(f'beadseg collect: {args.run_dir}: {summarise(table)}')
 
-# %% ../nbs/11_cli.ipynb #f69507a8
+# %% ../nbs/11_cli.ipynb #9e2816f5
 def add_submit_arguments(parser):
     "Arguments of `beadseg submit`."
     parser.add_argument('run_dir', metavar='RUN_DIR', help='a run planned by `beadseg search --plan-only`, or an earlier run')
@@ -211,7 +211,7 @@ def submit_command(args):
     from beadseg.hpc import submit
     return submit(args.run_dir, args.scheduler, settings_from_args(args), args.mode, args.only_unfinished, args.dry_run)
 
-# %% ../nbs/11_cli.ipynb #fc1d7cf2
+# %% ../nbs/11_cli.ipynb #0141e4cb
 def add_report_arguments(parser):
     "The `report` command's arguments."
     parser.add_argument('run_dir', help='the search run folder (runs/hyperparam_comprehensive_...)')
@@ -223,7 +223,7 @@ def report_command(args):
     from beadseg.report import render_report
     render_report(args.run_dir, args.out)
 
-# %% ../nbs/11_cli.ipynb #5dc35890
+# %% ../nbs/11_cli.ipynb #2663128d
 def add_synth_arguments(parser):
     "`beadseg synth`'s own arguments."
     parser.add_argument('out', help='folder to write images/, masks/ and labels/ to')
@@ -239,7 +239,7 @@ def synth_command(args):
     out = synthesize(args.out, args.n_images, args.size, seed=s['seed'], shrink=s['shrink'])
     print(validate_dataset(out, args.size).table())
 
-# %% ../nbs/11_cli.ipynb #e625d027
+# %% ../nbs/11_cli.ipynb #42b0bec3
 @command('validate', 'check a dataset and print its summary; exit status 1 if it is unusable',
          lambda p: p.add_argument('folder', nargs='?', help='dataset folder (default: [data] dataset)'))
 def validate_command(args):
@@ -250,3 +250,15 @@ def validate_command(args):
     print(report.table())
     for line in [f'warning: {w}' for w in report.warnings] + [f'error: {e}' for e in report.errors]: print(line)
     return 0 if report.ok else 1
+
+# %% ../nbs/11_cli.ipynb #0467f223
+def add_demo_arguments(parser):
+    parser.add_argument('--out', default='runs', help='folder for the demo dataset and run (default: runs/)')
+    parser.add_argument('--reports', default='reports', help='folder for the HTML report (default: reports/)')
+    parser.add_argument('--quick', action='store_true', help='smallest settings (also: BEADSEG_DEMO_QUICK=1)')
+
+@command('demo', 'the whole workflow on synthetic beads: generate, validate, search, collect, report', add_demo_arguments)
+def demo_command(args):
+    from beadseg.demo import demo
+    quick = args.quick or os.environ.get('BEADSEG_DEMO_QUICK') == '1'
+    return 0 if demo(args.out, args.reports, quick, args.settings)['ok'] else 1

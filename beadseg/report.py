@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt, seaborn as sns
 import beadseg
 
 # %% ../nbs/06_report.ipynb #0ba1b4a9
-from .search import SCORE, FACTORS, COLUMNS, result_row, rank_results, results_table
+from .search import SCORE, FACTORS, COLUMNS, result_row, rank_results, results_table, stderr_to
 SCORED = ('completed', 'early_stopped', 'nan')  # statuses that come with a validation score
 
 # %% ../nbs/06_report.ipynb #023ff295
@@ -431,8 +431,9 @@ def render_report(run_dir, # A search run folder
     if not template.exists(): raise ValueError(f'{template}: report notebook not found (run beadseg from a checkout of the repository)')
     executed = run.path/'report.ipynb'
     print(f'executing {template.name} for {run.path} ...', flush=True)
-    pm.execute_notebook(tagged(template), str(executed), parameters={'run_dir': str(run.path.resolve())}, kernel_name=kernel,
-                        progress_bar=False, log_output=False)
+    with stderr_to(run.path/'kernel.log'):  # the kernel's own messages stay out of the terminal
+        pm.execute_notebook(tagged(template), str(executed), parameters={'run_dir': str(run.path.resolve())}, kernel_name=kernel,
+                            progress_bar=False, log_output=False)
     html = to_html(executed, Path(out)/f'{run.name}.html', f'beadseg report: {run.name}')
     print(f'wrote {html} (executed notebook: {executed})')
     return html
