@@ -6,8 +6,8 @@
 __all__ = ['check_config', 'git_commit', 'device_name', 'environment', 'peak_memory_mb', 'resolve_switch', 'history_frame',
            'EpochLog', 'finite_logs', 'save_model_atomically', 'ResumePoint', 'latest_resume_point', 'KeepBest',
            'ResumableEarlyStopping', 'StopOnNaN', 'StopOnSignal', 'match_objects', 'score_predictions',
-           'predict_images', 'evaluate', 'save_prediction_panel', 'prepare_data', 'build_or_resume', 'train',
-           'plot_history', 'metrics_table']
+           'predict_images', 'evaluate', 'save_prediction_panel', 'prepare_data', 'seed_everything', 'build_or_resume',
+           'train', 'plot_history', 'metrics_table']
 
 # %% ../nbs/03_train.ipynb #5c65588f
 import datetime, os, platform, resource, signal, subprocess, threading, time
@@ -264,6 +264,11 @@ def prepare_data(config:dict, out_dir:Path, quiet=False):
     return report, train_samples, val_samples
 
 # %% ../nbs/03_train.ipynb #6fe033f6
+def seed_everything(seed:int):
+    "Seed Python, NumPy and TensorFlow; on a CPU also make TensorFlow's ops deterministic (same seed, same history)."
+    keras.utils.set_random_seed(seed)
+    if not tf.config.list_physical_devices('GPU'): tf.config.experimental.enable_op_determinism()
+
 def build_or_resume(config:dict, out_dir:Path, channels:int):
     "A compiled model: the newest resume point in `out_dir` if there is one, else a fresh one. Returns (model, epoch)."
     keras.mixed_precision.set_dtype_policy('mixed_float16' if resolve_switch(config['mixed_precision']) else 'float32')
@@ -296,8 +301,7 @@ def train(config:dict, # A configuration (see `PARAMETERS`)
         check_config(config)
         report, train_samples, val_samples = prepare_data(config, out_dir)
         result['dataset_summary'] = report.summary
-        keras.utils.set_random_seed(config['seed'])
-        if not tf.config.list_physical_devices('GPU'): tf.config.experimental.enable_op_determinism()
+        seed_everything(config['seed'])
         ds = lambda samples, training: data.make_dataset(
             samples, config['image_size'], config['batch_size'], training=training, augment=config['augment'],
             seed=config['seed'], shrink=config['shrink'], color=config['color'])
