@@ -6,10 +6,10 @@
 __all__ = ['check_config', 'git_commit', 'device_name', 'environment', 'peak_memory_mb', 'resolve_switch', 'history_frame',
            'EpochLog', 'finite_logs', 'save_model_atomically', 'ResumePoint', 'latest_resume_point', 'KeepBest',
            'ResumableEarlyStopping', 'StopOnNaN', 'StopOnSignal', 'match_objects', 'score_predictions',
-           'predict_images', 'evaluate', 'save_prediction_panel', 'prepare_data', 'crops_per_image', 'build_or_resume',
-           'train', 'plot_history', 'metrics_table']
+           'predict_images', 'evaluate', 'save_prediction_panel', 'prepare_data', 'crops_per_image', 'seed_everything',
+           'build_or_resume', 'train', 'plot_history', 'metrics_table']
 
-# %% ../nbs/03_train.ipynb #3ee7a501
+# %% ../nbs/03_train.ipynb #ecbe12ed
 import datetime, os, platform, resource, signal, subprocess, threading, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -21,7 +21,7 @@ from .search import PARAMETERS, config_from_settings, config_id, write_json, rea
 from .losses import get_loss, Jaccard, DiceCoef
 from .models import build_model, check_model_args
 
-# %% ../nbs/03_train.ipynb #28b12276
+# %% ../nbs/03_train.ipynb #5247620f
 def check_config(config:dict):
     "Raise a one-line `ValueError` if `config` cannot be trained."
     if missing := [k for k in PARAMETERS if k not in config]: raise ValueError(f"configuration lacks {', '.join(missing)}")
@@ -31,7 +31,7 @@ def check_config(config:dict):
     if not (isinstance(config['batch_size'], int) and config['batch_size'] >= 1):
         raise ValueError(f"batch_size must be a positive integer. Received: batch_size={config['batch_size']!r}")
 
-# %% ../nbs/03_train.ipynb #b0afecb4
+# %% ../nbs/03_train.ipynb #c3a2805f
 def git_commit() -> str:
     "The project's git commit (with `-dirty` if it has uncommitted changes), or 'unknown'."
     root = PROJECT_SETTINGS.parent
@@ -61,13 +61,13 @@ def peak_memory_mb() -> dict:
     if tf.config.list_physical_devices('GPU'): gpu = tf.config.experimental.get_memory_info('GPU:0')['peak'] / 2**20
     return dict(peak_memory_mb=round(host, 1), peak_gpu_memory_mb=None if gpu is None else round(gpu, 1))
 
-# %% ../nbs/03_train.ipynb #ba84f4c6
+# %% ../nbs/03_train.ipynb #19be5a7f
 def resolve_switch(value:str) -> bool:
     "`auto` means on with a GPU; `on`/`off` (or a bool) are taken as they are."
     if isinstance(value, bool): return value
     return bool(tf.config.list_physical_devices('GPU')) if value == 'auto' else value == 'on'
 
-# %% ../nbs/03_train.ipynb #55c314e6
+# %% ../nbs/03_train.ipynb #02132cb2
 def history_frame(out_dir) -> pd.DataFrame:
     "`history.csv` of `out_dir` (empty if there is none)."
     path = Path(out_dir)/'history.csv'
@@ -90,7 +90,7 @@ class EpochLog(keras.callbacks.Callback):
             pd.DataFrame([row]).to_csv(f, header=new, index=False)
             f.flush(); os.fsync(f.fileno())
 
-# %% ../nbs/03_train.ipynb #451ae233
+# %% ../nbs/03_train.ipynb #7de8c48e
 def finite_logs(logs) -> bool: return all(np.isfinite(v) for v in (logs or {}).values())
 
 def save_model_atomically(model, path):
@@ -117,7 +117,7 @@ def latest_resume_point(out_dir) -> tuple[int, Path|None]:
     saved = sorted((Path(out_dir)/'state').glob('epoch_*.keras'))
     return (int(saved[-1].stem.split('_')[1]), saved[-1]) if saved else (0, None)
 
-# %% ../nbs/03_train.ipynb #cfa86f0d
+# %% ../nbs/03_train.ipynb #6fee8c45
 class KeepBest(keras.callbacks.Callback):
     "Save `model.keras` whenever `val_jaccard` beats the best so far (including epochs before a resume)."
     def __init__(self, out_dir, history:pd.DataFrame):
@@ -145,7 +145,7 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             self.wait += 1
             if self._is_improvement(score, self.best): self.best, self.best_epoch, self.wait = float(score), epoch, 0
 
-# %% ../nbs/03_train.ipynb #392cac53
+# %% ../nbs/03_train.ipynb #3857809d
 class StopOnNaN(keras.callbacks.Callback):
     "Stop training at the first batch whose loss is not finite, and remember the epoch."
     nan_epoch = None
@@ -167,7 +167,7 @@ class StopOnSignal(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.previous is not None: signal.signal(signal.SIGTERM, self.previous)
 
-# %% ../nbs/03_train.ipynb #be5643c3
+# %% ../nbs/03_train.ipynb #8d2c6ebb
 from scipy.optimize import linear_sum_assignment
 from skimage.measure import label as connected_components
 from skimage.segmentation import expand_labels
@@ -183,7 +183,7 @@ def match_objects(truth, predicted, min_iou=0.5) -> int:
     rows, cols = linear_sum_assignment(-iou)
     return int((iou[rows, cols] >= min_iou).sum())
 
-# %% ../nbs/03_train.ipynb #af14f6a3
+# %% ../nbs/03_train.ipynb #88fadf84
 def score_predictions(probabilities:list, # Per image: predicted foreground probability (H, W)
                       masks:list, # Per image: the binary (shrunk) mask (H, W)
                       objects:list, # Per image: ground-truth instance labels (H, W), at full bead size
@@ -208,7 +208,7 @@ def score_predictions(probabilities:list, # Per image: predicted foreground prob
                 count_mae=float(np.mean([abs(p['true_count'] - p['predicted_count']) for p in per_image])) if per_image else None,
                 n_images=len(per_image), per_image=per_image)
 
-# %% ../nbs/03_train.ipynb #8c81cf12
+# %% ../nbs/03_train.ipynb #59bef37e
 def predict_images(model, images:list) -> list:
     "Foreground probabilities (H, W) of `model` for each whole image (H, W, C), float32."
     out = []
@@ -218,7 +218,7 @@ def predict_images(model, images:list) -> list:
         out.append(keras.ops.convert_to_numpy(model(padded[None], training=False))[0, :h, :w, 0].astype(np.float32))
     return out
 
-# %% ../nbs/03_train.ipynb #9878727a
+# %% ../nbs/03_train.ipynb #48c0cff8
 def evaluate(model, samples:list, shrink:int=0, color='gray') -> tuple[dict, list]:
     "Score `model` on whole validation `samples`; returns the evaluation block and the probabilities."
     images, masks, _ = data.load_arrays(samples, shrink=shrink, color=color)
@@ -226,7 +226,7 @@ def evaluate(model, samples:list, shrink:int=0, color='gray') -> tuple[dict, lis
     probabilities = predict_images(model, images)
     return score_predictions(probabilities, masks, objects, [s.stem for s in samples], shrink), probabilities
 
-# %% ../nbs/03_train.ipynb #cb9f63f5
+# %% ../nbs/03_train.ipynb #2f525ab9
 def save_prediction_panel(images, masks, probabilities, names, path, n=3):
     "Save up to `n` validation images with ground truth and prediction overlaid as a PNG."
     import matplotlib; matplotlib.use('Agg')
@@ -244,7 +244,7 @@ def save_prediction_panel(images, masks, probabilities, names, path, n=3):
     fig.tight_layout(); fig.savefig(path, dpi=72); plt.close(fig)
     return Path(path)
 
-# %% ../nbs/03_train.ipynb #be68d7ca
+# %% ../nbs/03_train.ipynb #bd7eac21
 def prepare_data(config:dict, out_dir:Path, quiet=False):
     "Check the dataset and split it (or read the saved split); returns the report, training and validation samples."
     report = data.check_dataset(config['dataset'], config['image_size'], config['mask_suffix'], config['color'])
@@ -263,7 +263,7 @@ def prepare_data(config:dict, out_dir:Path, quiet=False):
                          f"({len(train_samples)} images of {config['dataset']}); use a smaller batch size or more images")
     return report, train_samples, val_samples
 
-# %% ../nbs/03_train.ipynb #0dc58084
+# %% ../nbs/03_train.ipynb #c69564e0
 def crops_per_image(summary:dict, # `DatasetReport.summary`, with its {'HxW': count} `sizes`
                     image_size:int) -> int:
     "Random training crops per image and epoch: the mean image area over the crop area, at least 1."
@@ -271,7 +271,12 @@ def crops_per_image(summary:dict, # `DatasetReport.summary`, with its {'HxW': co
     area = sum(h * w * n for (h, w), n in sizes.items()) / sum(sizes.values())
     return max(1, round(area / image_size ** 2))
 
-# %% ../nbs/03_train.ipynb #25eb542a
+# %% ../nbs/03_train.ipynb #d740c760
+def seed_everything(seed:int):
+    "Seed Python, NumPy and TensorFlow; on a CPU also make TensorFlow's ops deterministic (same seed, same history)."
+    keras.utils.set_random_seed(seed)
+    if not tf.config.list_physical_devices('GPU'): tf.config.experimental.enable_op_determinism()
+
 def build_or_resume(config:dict, out_dir:Path, channels:int):
     "A compiled model: the newest resume point in `out_dir` if there is one, else a fresh one. Returns (model, epoch)."
     keras.mixed_precision.set_dtype_policy('mixed_float16' if resolve_switch(config['mixed_precision']) else 'float32')
@@ -283,7 +288,7 @@ def build_or_resume(config:dict, out_dir:Path, channels:int):
                   metrics=[Jaccard(name='jaccard'), DiceCoef(name='dice')], jit_compile=resolve_switch(config['jit_compile']))
     return model, 0
 
-# %% ../nbs/03_train.ipynb #33b503a6
+# %% ../nbs/03_train.ipynb #d98d9c37
 def train(config:dict, # A configuration (see `PARAMETERS`)
           out_dir=None, # Output folder; default config['out_dir']
           callbacks=(), # Extra Keras callbacks
@@ -304,8 +309,7 @@ def train(config:dict, # A configuration (see `PARAMETERS`)
         check_config(config)
         report, train_samples, val_samples = prepare_data(config, out_dir)
         result['dataset_summary'] = report.summary
-        keras.utils.set_random_seed(config['seed'])
-        if not tf.config.list_physical_devices('GPU'): tf.config.experimental.enable_op_determinism()
+        seed_everything(config['seed'])
         crops = crops_per_image(report.summary, config['image_size'])
         ds = lambda samples, training: data.make_dataset(
             samples, config['image_size'], config['batch_size'], training=training, augment=config['augment'],
@@ -350,7 +354,7 @@ def train(config:dict, # A configuration (see `PARAMETERS`)
         write_json(out_dir/'result.json', result)
     return result
 
-# %% ../nbs/03_train.ipynb #d92d8678
+# %% ../nbs/03_train.ipynb #3079bdc8
 def plot_history(out_dir):
     "Learning curves from `history.csv`: loss and Jaccard, training and validation, per epoch."
     import matplotlib.pyplot as plt, seaborn as sns

@@ -1,0 +1,50 @@
+"`beadseg bench`: the CSV it writes (every column, numbers consistent within each row) and its errors. No timing assertions."
+import numpy as np, pandas as pd, pytest
+from conftest import run_beadseg
+
+TINY = ('--image-size', '64', '--base-filters', '8', '--steps', '2', '--warmup', '1', '--rounds', '2')
+CPU_EMPTY = {'peak_gpu_memory_mb', 'error'}  # no GPU memory on a CPU, and no error
+
+
+@pytest.fixture(scope='module')
+def beads(tmp_path_factory):
+    from beadseg.synthetic import synthesize
+    return synthesize(tmp_path_factory.mktemp('data')/'beads', n_images=6, size=96, seed=2)
+
+
+def test_bench_writes_every_column_with_ratios_from_the_same_run(beads, tmp_path):
+    from beadseg.bench import COLUMNS
+    out = tmp_path/'bench.csv'
+    done = run_beadseg('bench', '--dataset', beads, '--batch-sizes', '3', *TINY, '--out', out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith('beadseg bench on CPU')
+    table = pd.read_csv(out)
+    assert list(table.columns) == COLUMNS
+    assert table.batch_size.tolist() == [3] and table.architecture.tolist() == ['unet']
+    assert table[[c for c in COLUMNS if c not in CPU_EMPTY]].notna().all().all()
+    assert table[list(CPU_EMPTY)].isna().all().all()
+    assert (table.precision == 'float32').all() and (table.xla == 'off').all()  # auto on a CPU
+    # derived columns come from the measured ones of the same row
+    assert np.allclose(table.ratio, table.images_per_s / table.ref_images_per_s)
+    assert np.allclose(table.images_per_s, table.batch_size / table.step_s)
+    assert np.allclose(table.pipeline_margin, table.pipeline_images_per_s / table.images_per_s)
+    assert np.allclose(table.achieved_tflops, table.train_gflops_per_image * table.images_per_s / 1000)
+    assert np.allclose(table.overhead_s, table.kernel_start_s + table.validation_s + table.build_s)
+    assert (table[['step_s', 'ref_step_s', 'pipeline_images_per_s', 'kernel_start_s', 'build_s', 'first_step_s']] > 0).all().all()
+    assert 'ours/ref' in done.stdout and done.stdout.count('\n unet') == 1  # the printed table
+
+
+def test_bench_records_a_batch_larger_than_the_dataset(beads, tmp_path):
+    out = tmp_path/'bench.csv'
+    done = run_beadseg('bench', '--dataset', beads, '--batch-sizes', '8', *TINY, '--no-overhead', '--out', out)
+    assert done.returncode == 1
+    table = pd.read_csv(out)
+    assert table.error.tolist() == ['batch size 8 is larger than the dataset (6 images)']
+    assert table.images_per_s.isna().all()
+
+
+def test_bench_bad_flags_fail_in_one_line(tmp_path):
+    for args, message in [(('--precision', 'half'), "--precision 'half'"), (('--image-size', '100'), 'multiple of 2^depth')]:
+        done = run_beadseg('bench', *args, '--out', tmp_path/'x.csv')
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
+        assert not (tmp_path/'x.csv').exists()
