@@ -26,12 +26,13 @@ def one(architecture, batch, steps=10, warmup=3):
     from beadseg.models import build_model
     from beadseg.losses import get_loss, Jaccard, DiceCoef
     keras.mixed_precision.set_dtype_policy('mixed_float16')
-    model = build_model(architecture, (512, 512, 1), 64, 0.3)
+    size, base = int(os.environ.get('SIZE', 512)), int(os.environ.get('BASE', 64))  # smaller only for a smoke test
+    model = build_model(architecture, (size, size, 1), base, 0.3)
     model.compile(keras.optimizers.Adam(5e-5), loss=get_loss('focal_tversky'),
                   metrics=[Jaccard(name='jaccard'), DiceCoef(name='dice')], jit_compile=True)
     rng = np.random.default_rng(0)
-    x = jax.device_put(rng.random((batch, 512, 512, 1), dtype=np.float32))
-    y = jax.device_put((rng.random((batch, 512, 512, 1)) < 0.12).astype(np.float32))
+    x = jax.device_put(rng.random((batch, size, size, 1), dtype=np.float32))
+    y = jax.device_put((rng.random((batch, size, size, 1)) < 0.12).astype(np.float32))
     started = time.perf_counter()
     model.train_on_batch(x, y)  # traces and compiles
     compile_s = time.perf_counter() - started
@@ -40,7 +41,7 @@ def one(architecture, batch, steps=10, warmup=3):
     for _ in range(steps):
         t = time.perf_counter(); model.train_on_batch(x, y); times.append(time.perf_counter() - t)  # returns floats: synchronises
     step = float(np.median(times))
-    peak = jax.devices()[0].memory_stats().get('peak_bytes_in_use', 0) / 2**30
+    peak = (jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use', 0) / 2**30
     print(json.dumps(dict(architecture=architecture, batch_size=batch, images_per_second=round(batch / step, 1),
                           step_ms_median=round(step * 1000, 1), peak_gpu_gib=round(peak, 2), compile_s=round(compile_s, 1),
                           params=model.count_params(), device=str(jax.devices()[0].device_kind), error='')))
