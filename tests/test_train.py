@@ -163,3 +163,16 @@ def test_the_pipeline_learns_beads(tmp_path):
     assert result['best_val_jaccard'] >= 0.6 and evaluation['jaccard'] >= 0.6
     assert evaluation['jaccard'] > 4 * evaluation['baseline_jaccard']
     assert evaluation['object_f1'] > 0.5
+
+
+def test_template_parameters_are_the_settings_defaults():
+    "The template's parameter cell holds every configuration key, with settings.ini's values (paths aside)."
+    import papermill
+    from beadseg.config import PROJECT_SETTINGS, load_settings
+    from beadseg.search import PARAMETERS, TEMPLATE, config_from_settings
+    parameters = papermill.inspect_notebook(str(TEMPLATE))
+    assert tuple(parameters) == PARAMETERS
+    defaults = config_from_settings(load_settings(PROJECT_SETTINGS))
+    for name, value in defaults.items():
+        if name in ('dataset', 'out_dir'): continue
+        assert eval(parameters[name]['default']) == value, name
