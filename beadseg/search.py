@@ -9,7 +9,7 @@ __all__ = ['PARAMETERS', 'FINISHED', 'FACTORS', 'TEMPLATE', 'SCORE', 'COLUMNS', 
            'rank_results', 'results_table', 'link_or_copy', 'collect', 'gpu_count', 'die_with_parent', 'search_logger',
            'best_so_far', 'run_search']
 
-# %% ../nbs/04_search.ipynb #91ed8793
+# %% ../nbs/04_search.ipynb #c1700b14
 import contextlib, ctypes, datetime, fcntl, itertools, json, logging, os, random, shutil, signal, subprocess, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +17,7 @@ import pandas as pd
 import beadseg
 from .config import PROJECT_SETTINGS, load_settings, read_settings, write_settings
 
-# %% ../nbs/04_search.ipynb #cfed9c85
+# %% ../nbs/04_search.ipynb #ed260284
 PARAMETERS = ('architecture', 'batch_size', 'loss_function', 'dropout', 'learning_rate', 'patience', 'max_epochs',
               'image_size', 'base_filters', 'dataset', 'mask_suffix', 'color', 'shrink', 'val_split', 'seed',
               'augment', 'out_dir', 'mixed_precision', 'jit_compile')
@@ -39,7 +39,7 @@ def config_id(config:dict) -> str:
     "A short readable name for `config`'s searched choices, e.g. `attention_resunet_bs16_focal_tversky`."
     return f"{config['architecture']}_bs{config['batch_size']}_{config['loss_function']}"
 
-# %% ../nbs/04_search.ipynb #805b9b7d
+# %% ../nbs/04_search.ipynb #8c4f19cb
 FINISHED = ('completed', 'early_stopped', 'nan', 'failed')  # a rerun of these is a no-op
 
 def write_json(path, obj) -> Path:
@@ -68,7 +68,7 @@ def is_finished(out_dir) -> bool:
     "Whether the configuration in `out_dir` has a final status (rerunning it would do nothing)."
     return (read_result(out_dir) or {}).get('status') in FINISHED
 
-# %% ../nbs/04_search.ipynb #7631b950
+# %% ../nbs/04_search.ipynb #f8eafe28
 FACTORS = ('architecture', 'batch_size', 'loss_function', 'dropout', 'learning_rate')
 
 def grid(settings:dict) -> pd.DataFrame:
@@ -90,7 +90,7 @@ def make_plan(settings:dict) -> pd.DataFrame:
     plan.insert(0, 'index', range(len(plan)))
     return plan
 
-# %% ../nbs/04_search.ipynb #1b596d24
+# %% ../nbs/04_search.ipynb #e7235f35
 def create_run(settings:dict, # The merged settings
                out='runs', # Where run folders go
                plan:pd.DataFrame=None, # Default: `make_plan(settings)`
@@ -133,7 +133,7 @@ def unfinished_indices(run_dir) -> list[int]:
     plan = read_plan(run_dir)
     return [int(i) for i, c in zip(plan['index'], plan['config_id']) if not is_finished(Path(run_dir)/'configs'/c)]
 
-# %% ../nbs/04_search.ipynb #280996f1
+# %% ../nbs/04_search.ipynb #b195fa80
 TEMPLATE = PROJECT_SETTINGS.parent/'nbs'/'train.ipynb'
 
 @contextlib.contextmanager
@@ -156,7 +156,7 @@ def config_lock(out_dir):
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
-# %% ../nbs/04_search.ipynb #3aec38a2
+# %% ../nbs/04_search.ipynb #78e3ac93
 def failure_reason(err:Exception, timeout:int) -> str:
     "One line saying why papermill's run failed."
     import papermill
@@ -179,7 +179,10 @@ def run_config(config:dict, # The configuration; its `out_dir` is where everythi
         try: os.kill(int((out_dir/'kernel.pid').read_text()), signum)
         except (OSError, ValueError): pass
     with config_lock(out_dir):
-        if is_finished(out_dir): return read_result(out_dir)
+        if is_finished(out_dir):
+            result = read_result(out_dir)
+            print(f"{out_dir}: already done (status {result['status']}); nothing to do", flush=True)
+            return result
         previous = signal.signal(signal.SIGTERM, forward) if in_main_thread else None
         if log is not None:
             log.addFilter(lambda r: not str(r.msg).startswith(('Executing', 'Ending Cell', 'Input Notebook', 'Output Notebook')))
@@ -200,7 +203,7 @@ def run_config(config:dict, # The configuration; its `out_dir` is where everythi
             if log is not None: notebook_log.removeHandler(log)
     return read_result(out_dir) or dict(config=config, status='failed', error='the notebook wrote no result.json')
 
-# %% ../nbs/04_search.ipynb #5fb7fc61
+# %% ../nbs/04_search.ipynb #9f992269
 SCORE = 'best_val_jacard'  # the seed's spelling, kept so its analysis snippet runs unchanged
 COLUMNS = ['rank', 'config_id', *FACTORS, 'status', SCORE, 'val_dice', 'best_epoch', 'epochs_run', 'train_seconds',
            'seconds_per_epoch', 'images_per_second', 'params', 'baseline_jaccard', 'object_precision', 'object_recall',
@@ -228,7 +231,7 @@ def results_table(run_dir) -> pd.DataFrame:
         rows.append({**row, **{k: step[k] for k in FACTORS}, 'config_id': step['config_id']})
     return rank_results(pd.DataFrame(rows, columns=COLUMNS))
 
-# %% ../nbs/04_search.ipynb #8c186884
+# %% ../nbs/04_search.ipynb #321c4d4d
 def link_or_copy(source:Path, target:Path):
     "Make `target` a hard link to `source` (a copy where links are impossible), replacing it."
     tmp = target.with_name(f'.{target.name}.tmp')
@@ -262,7 +265,7 @@ def collect(run_dir, # A search run folder
                 configuration=result['config']))
     return table
 
-# %% ../nbs/04_search.ipynb #2397c671
+# %% ../nbs/04_search.ipynb #3edfef69
 def gpu_count() -> int:
     "GPUs that nvidia-smi lists (0 without it); the driver does not load TensorFlow to ask."
     try: return len(subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=30).stdout.strip().splitlines())
@@ -282,7 +285,7 @@ def search_logger(run_dir) -> logging.Logger:
         log.addHandler(handler); log.setLevel(logging.INFO); log.propagate = False
     return log
 
-# %% ../nbs/04_search.ipynb #0c32917f
+# %% ../nbs/04_search.ipynb #d5fa36e9
 def best_so_far(table:pd.DataFrame) -> str:
     scored = table[table.status.isin(FINISHED) & table[SCORE].notna()]
     return f"{scored[SCORE].iloc[0]:.3f} ({scored.config_id.iloc[0]})" if len(scored) else '-'

@@ -96,14 +96,14 @@ def test_collect_rebuilds_the_same_results(search_run):
     assert done.returncode == 0, done.stderr
     pd.testing.assert_frame_equal(pd.read_csv(run/'search_results_final.csv'), before)
     rerun = run_beadseg('run-one', run, '--index', '0')  # finished: a no-op
-    assert rerun.returncode == 0 and 'completed' in rerun.stdout
+    assert rerun.returncode == 0 and 'already done (status completed); nothing to do' in rerun.stdout
 
 
 def test_kill_9_of_the_driver_then_resume_completes(beads, tmp_path):
     out = tmp_path/'runs'
     exe = os.path.join(os.path.dirname(sys.executable), 'beadseg')
     args = [exe, 'search', '--dataset', str(beads), '--out', str(out), *TINY, '--batch-sizes', '4', '--loss-functions', 'dice,combined',
-            '--max-epochs', '3']
+            '--max-epochs', '3', '--workers', '2']  # both configurations train at once
     driver = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     end = time.time() + 300
     while time.time() < end:  # wait for the first configuration's first epoch
@@ -121,7 +121,8 @@ def test_kill_9_of_the_driver_then_resume_completes(beads, tmp_path):
     assert len(final) == 2 and set(final.status) == {'completed'} and final.config_id.is_unique
     for config in final.config_id:
         assert list(pd.read_csv(run/'configs'/config/'history.csv').epoch) == [1, 2, 3]
-    assert 'resume' in (run/'search.log').read_text()
+    log = (run/'search.log').read_text()
+    assert 'resume: ' in log and '2 at a time' in log
 
 
 def test_report_renders_from_a_real_partly_failed_search(search_run, tmp_path):
