@@ -9,7 +9,7 @@ __all__ = ['SCHEDULERS', 'JOBS', 'SUMMARY_TIME', 'NAMES', 'COMMON', 'TASKS', 'WH
            'submit']
 
 # %% ../nbs/05_hpc.ipynb #76bbcedd
-import csv, json, shlex, shutil, subprocess, sys
+import shlex, shutil, subprocess, sys
 from pathlib import Path
 from .config import read_settings
 

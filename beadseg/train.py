@@ -322,7 +322,6 @@ def train(config:dict, # A configuration (see `PARAMETERS`)
         history = history[history.epoch <= initial_epoch] if len(history) else history
         best, nan, term = KeepBest(out_dir, history), StopOnNaN(), StopOnSignal()
         stopper = ResumableEarlyStopping(config['patience'], history)
-        started = time.perf_counter()
         # validation tiles have no known count, so Keras warns at the end of each pass: expected, not a problem
         warnings.filterwarnings('ignore', message='Your input ran out of data')
         if initial_epoch < config['max_epochs']:
