@@ -21,7 +21,8 @@ def wait_for_epochs(out, n, process, timeout=240):
     "Wait until `history.csv` has `n` rows and their resume point is saved."
     end = time.time() + timeout
     while time.time() < end:
-        if (out/'history.csv').is_file() and len(pd.read_csv(out/'history.csv')) >= n and list((out/'state').glob(f'epoch_{n:04d}.keras')):
+        history = out/'history.csv'  # may be mid-write: count lines, don't parse
+        if history.is_file() and len(history.read_text().splitlines()) > n and list((out/'state').glob(f'epoch_{n:04d}.keras')):
             return
         assert process.poll() is None, process.communicate()
         time.sleep(0.2)

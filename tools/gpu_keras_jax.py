@@ -7,6 +7,10 @@ memory for each architecture and batch size; and that the losses give the same v
 predictions. It does not exercise the tf.data pipeline (see `beadseg bench` for that, on a TensorFlow machine).
 
     OUT=folder python3 tools/gpu_keras_jax.py [BUDGET_SECONDS]
+
+COMBOS=unet:8,resunet:16 picks configurations; LOSSES=0 skips the precision check. All chosen configurations are
+first compiled at once, in parallel processes, into JAX's persistent compilation cache (compiling is CPU work, 51 to
+123 s each); then each is timed alone, so the timings do not share the GPU.
 """
 import csv, json, os, subprocess, sys, time
 from pathlib import Path
@@ -18,10 +22,15 @@ COLUMNS = ['architecture', 'batch_size', 'images_per_second', 'step_ms_median', 
            'device', 'error']
 
 
+CACHE = '/tmp/jax_cache'
+
+
 def one(architecture, batch, steps=10, warmup=3):
-    "Measure one configuration in this process; print one JSON line."
+    "Measure one configuration in this process; print one JSON line. With `steps=0`, only compile it into the cache."
     os.environ['KERAS_BACKEND'] = 'jax'
     import numpy as np, jax, keras
+    jax.config.update('jax_compilation_cache_dir', CACHE)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
     sys.path.insert(0, str(ROOT))
     from beadseg.models import build_model
     from beadseg.losses import get_loss, Jaccard, DiceCoef
@@ -36,6 +45,7 @@ def one(architecture, batch, steps=10, warmup=3):
     started = time.perf_counter()
     model.train_on_batch(x, y)  # traces and compiles
     compile_s = time.perf_counter() - started
+    if not steps: return print(json.dumps(dict(architecture=architecture, batch_size=batch, compile_s=round(compile_s, 1))))
     for _ in range(warmup): model.train_on_batch(x, y)
     times = []
     for _ in range(steps):
@@ -69,15 +79,23 @@ def main(budget=420):
     out = Path(os.environ.get('OUT', '.'))
     end = time.time() + budget
     started = time.time()
-    check = subprocess.run([sys.executable, __file__, 'losses'], capture_output=True, text=True, timeout=180)
-    rows = json.loads(check.stdout.strip().splitlines()[-1]) if check.returncode == 0 else []
-    (out/'loss_precision.json').write_text(json.dumps(rows, indent=1) or check.stderr[-2000:])
-    print('losses:', rows or check.stderr[-2000:], flush=True)
+    order = [(a, int(b)) for a, b in (c.split(':') for c in os.environ['COMBOS'].split(','))] if 'COMBOS' in os.environ else ORDER
+    compiling = [subprocess.Popen([sys.executable, __file__, 'compile', a, str(b)], stdout=subprocess.PIPE, text=True)
+                 for a, b in order]
+    if os.environ.get('LOSSES') != '0':
+        check = subprocess.run([sys.executable, __file__, 'losses'], capture_output=True, text=True, timeout=180)
+        rows = json.loads(check.stdout.strip().splitlines()[-1]) if check.returncode == 0 else []
+        (out/'loss_precision.json').write_text(json.dumps(rows, indent=1) or check.stderr[-2000:])
+        print('losses:', rows or check.stderr[-2000:], flush=True)
+    for p in compiling:
+        try: compiled = p.communicate(timeout=max(end - time.time() - 60, 1))[0].strip()
+        except subprocess.TimeoutExpired: p.kill(); compiled = 'not compiled: budget spent'
+        print(f'{time.time() - started:5.0f} s', compiled, flush=True)
     with open(out/'gpu_keras_jax.csv', 'w', newline='') as f:
         writer = csv.DictWriter(f, COLUMNS); writer.writeheader()
-        for architecture, batch in ORDER:
+        for architecture, batch in order:
             left = end - time.time()
-            if left < 60: print(f'skipped {architecture} batch {batch}: budget spent', flush=True); continue
+            if left < 20: print(f'skipped {architecture} batch {batch}: budget spent', flush=True); continue
             try:
                 done = subprocess.run([sys.executable, __file__, 'one', architecture, str(batch)], capture_output=True,
                                       text=True, timeout=left)
@@ -91,5 +109,6 @@ def main(budget=420):
 
 if __name__ == '__main__':
     if sys.argv[1:2] == ['one']: one(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ['compile']: one(sys.argv[2], int(sys.argv[3]), steps=0)
     elif sys.argv[1:2] == ['losses']: losses()
     else: main(*map(int, sys.argv[1:]))
