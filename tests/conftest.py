@@ -20,3 +20,8 @@ def edited_settings(folder, old, new):
     path = folder/'settings.ini'
     path.write_text(text.replace(old, new))
     return path
+
+
+def logged_epochs(history:Path) -> int:
+    "Epoch rows in a `history.csv` that training may be appending to: counts lines, since a mid-write file can't be parsed."
+    return max(len(history.read_text().splitlines()) - 1, 0) if history.is_file() else 0

@@ -1,7 +1,7 @@
 "Training one configuration: the papermill run, resumption after kills, failure statuses, early stopping, learning."
 import json, os, signal, subprocess, sys, time
-import numpy as np, pandas as pd, pytest
-from conftest import run_beadseg, ROOT
+import pandas as pd, pytest
+from conftest import logged_epochs, run_beadseg, ROOT
 
 TINY = ('--image-size', '64', '--base-filters', '8', '--batch-size', '4', '--learning-rate', '1e-3', '--val-split', '0.25')
 HISTORY_COLUMNS = ['epoch', 'loss', 'val_loss', 'jaccard', 'val_jaccard', 'dice', 'val_dice', 'learning_rate', 'epoch_seconds']
@@ -21,8 +21,7 @@ def wait_for_epochs(out, n, process, timeout=240):
     "Wait until `history.csv` has `n` rows and their resume point is saved."
     end = time.time() + timeout
     while time.time() < end:
-        history = out/'history.csv'  # may be mid-write: count lines, don't parse
-        if history.is_file() and len(history.read_text().splitlines()) > n and list((out/'state').glob(f'epoch_{n:04d}.keras')):
+        if logged_epochs(out/'history.csv') >= n and list((out/'state').glob(f'epoch_{n:04d}.keras')):
             return
         assert process.poll() is None, process.communicate()
         time.sleep(0.2)
