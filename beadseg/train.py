@@ -6,7 +6,7 @@
 __all__ = ['check_config', 'git_commit', 'device_name', 'environment', 'peak_memory_mb', 'resolve_switch', 'history_frame',
            'EpochLog', 'finite_logs', 'save_model_atomically', 'ResumePoint', 'latest_resume_point', 'KeepBest',
            'ResumableEarlyStopping', 'StopOnNaN', 'StopOnSignal', 'match_objects', 'score_predictions',
-           'predict_images', 'evaluate', 'save_prediction_panel', 'prepare_data', 'crops_per_image', 'seed_everything',
+           'predict_images', 'evaluate', 'save_prediction_panel', 'crops_per_image', 'prepare_data', 'seed_everything',
            'build_or_resume', 'train', 'plot_history', 'metrics_table']
 
 # %% ../nbs/03_train.ipynb #ecbe12ed
@@ -244,6 +244,14 @@ def save_prediction_panel(images, masks, probabilities, names, path, n=3):
     fig.tight_layout(); fig.savefig(path, dpi=72); plt.close(fig)
     return Path(path)
 
+# %% ../nbs/03_train.ipynb #c69564e0
+def crops_per_image(summary:dict, # `DatasetReport.summary`, with its {'HxW': count} `sizes`
+                    image_size:int) -> int:
+    "Random training crops per image and epoch: the mean image area over the crop area, at least 1."
+    sizes = {tuple(map(int, size.split('x'))): n for size, n in summary['sizes'].items()}
+    area = sum(h * w * n for (h, w), n in sizes.items()) / sum(sizes.values())
+    return max(1, round(area / image_size ** 2))
+
 # %% ../nbs/03_train.ipynb #bd7eac21
 def prepare_data(config:dict, out_dir:Path, quiet=False):
     "Check the dataset and split it (or read the saved split); returns the report, training and validation samples."
@@ -258,18 +266,11 @@ def prepare_data(config:dict, out_dir:Path, quiet=False):
         data.save_split(split_file, train_stems, val_stems, config['seed'])
     by_stem = {s.stem: s for s in report.samples}
     train_samples, val_samples = [by_stem[s] for s in train_stems], [by_stem[s] for s in val_stems]
-    if config['batch_size'] > len(train_samples):
-        raise ValueError(f"batch_size {config['batch_size']} is larger than the training set "
-                         f"({len(train_samples)} images of {config['dataset']}); use a smaller batch size or more images")
+    per_epoch = len(train_samples) * crops_per_image(report.summary, config['image_size'])
+    if config['batch_size'] > per_epoch:
+        raise ValueError(f"batch_size {config['batch_size']} is larger than the training set ({per_epoch} crops of "
+                         f"{len(train_samples)} images of {config['dataset']}); use a smaller batch size or more images")
     return report, train_samples, val_samples
-
-# %% ../nbs/03_train.ipynb #c69564e0
-def crops_per_image(summary:dict, # `DatasetReport.summary`, with its {'HxW': count} `sizes`
-                    image_size:int) -> int:
-    "Random training crops per image and epoch: the mean image area over the crop area, at least 1."
-    sizes = {tuple(map(int, size.split('x'))): n for size, n in summary['sizes'].items()}
-    area = sum(h * w * n for (h, w), n in sizes.items()) / sum(sizes.values())
-    return max(1, round(area / image_size ** 2))
 
 # %% ../nbs/03_train.ipynb #d740c760
 def seed_everything(seed:int):
