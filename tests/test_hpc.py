@@ -171,11 +171,16 @@ def test_scripts_pass_shellcheck(tmp_path):
     assert len(set(scripts)) == 9
 
 
-def run_script(path, workdir, env, fakebin, record, **popen):
-    "Run a job script under bash as its scheduler would, with the fake beadseg first on PATH."
-    env = {**os.environ, **env, 'PATH': f'{fakebin}{os.pathsep}{os.environ["PATH"]}', 'FAKE_RECORD': str(record)}
-    return subprocess.Popen(['bash', str(path)], cwd='/', env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **popen)
+def start_subjob(run, scheduler, env, *submit_args):
+    """Write `run`'s job scripts (`submit --dry-run`), then run its array script under bash as the scheduler would, with
+    `env` and the fake beadseg first on PATH. Returns the process and the file where the fake records its calls."""
+    folder = run.parent
+    assert submit(folder, scheduler, '--dry-run', *submit_args).returncode == 0
+    record = folder/'record.txt'
+    env = {**os.environ, **env, 'PATH': f'{fake_bin(folder)}{os.pathsep}{os.environ["PATH"]}', 'FAKE_RECORD': str(record)}
+    job = subprocess.Popen(['bash', str(run/'jobs'/f'array.{scheduler}')], cwd='/', env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    return job, record
 
 
 @pytest.mark.parametrize('scheduler, variable, value, only_unfinished, index', [
@@ -187,12 +192,10 @@ def run_script(path, workdir, env, fakebin, record, **popen):
 ])
 def test_array_script_runs_the_right_configuration(tmp_path, scheduler, variable, value, only_unfinished, index):
     run = make_run(tmp_path, 4, {0: 'completed', 2: 'failed'})
-    assert submit(tmp_path, scheduler, '--dry-run', *(['--only-unfinished'] if only_unfinished else [])).returncode == 0
     workdir = tmp_path/'submitted_from'
     workdir.mkdir()
     env = {variable: value, 'PBS_O_WORKDIR': str(workdir), 'SLURM_SUBMIT_DIR': str(workdir)}
-    record = tmp_path/'record.txt'
-    job = run_script(run/'jobs'/f'array.{scheduler}', workdir, env, fake_bin(tmp_path), record)
+    job, record = start_subjob(run, scheduler, env, *(['--only-unfinished'] if only_unfinished else []))
     out, _ = job.communicate(timeout=60)
     assert job.returncode == 0, out
     run_dir = run.resolve()
@@ -208,10 +211,7 @@ def test_array_script_runs_the_right_configuration(tmp_path, scheduler, variable
 
 def test_unusable_dataset_stops_before_training(tmp_path):
     run = make_run(tmp_path, 2)
-    assert submit(tmp_path, 'torque', '--dry-run').returncode == 0
-    record = tmp_path/'record.txt'
-    job = run_script(run/'jobs'/'array.torque', tmp_path, {'PBS_ARRAYID': '1', 'PBS_O_WORKDIR': str(tmp_path),
-                     'FAKE_INVALID': '1'}, fake_bin(tmp_path), record)
+    job, record = start_subjob(run, 'torque', {'PBS_ARRAYID': '1', 'PBS_O_WORKDIR': str(tmp_path), 'FAKE_INVALID': '1'})
     job.communicate(timeout=60)
     assert job.returncode == 1
     assert record.read_text().splitlines() == [f'validate data --settings {run.resolve()}/settings.ini']
@@ -229,10 +229,7 @@ def wait_for_line(path, text, timeout=30):
 
 def test_sigterm_is_forwarded_to_beadseg(tmp_path):
     run = make_run(tmp_path, 3)
-    assert submit(tmp_path, 'pbs', '--dry-run').returncode == 0
-    record = tmp_path/'record.txt'
-    job = run_script(run/'jobs'/'array.pbs', tmp_path, {'PBS_ARRAY_INDEX': '2', 'PBS_O_WORKDIR': str(tmp_path),
-                     'FAKE_SLOW': '1'}, fake_bin(tmp_path), record)
+    job, record = start_subjob(run, 'pbs', {'PBS_ARRAY_INDEX': '2', 'PBS_O_WORKDIR': str(tmp_path), 'FAKE_SLOW': '1'})
     wait_for_line(record, 'started 2')
     job.send_signal(signal.SIGTERM)   # as PBS does at the walltime (to the job script)
     job.communicate(timeout=30)
@@ -244,10 +241,8 @@ def test_sigterm_is_forwarded_to_beadseg(tmp_path):
 
 def test_deadline_stops_beadseg_before_the_walltime(tmp_path):
     run = make_run(tmp_path, 1)
-    assert submit(tmp_path, 'slurm', '--dry-run', '--array-time', '0:00:03').returncode == 0
-    record = tmp_path/'record.txt'
-    job = run_script(run/'jobs'/'array.slurm', tmp_path, {'SLURM_ARRAY_TASK_ID': '0', 'SLURM_SUBMIT_DIR': str(tmp_path),
-                     'FAKE_SLOW': '1'}, fake_bin(tmp_path), record)
+    job, record = start_subjob(run, 'slurm', {'SLURM_ARRAY_TASK_ID': '0', 'SLURM_SUBMIT_DIR': str(tmp_path), 'FAKE_SLOW': '1'},
+                               '--array-time', '0:00:03')
     job.communicate(timeout=30)
     assert 'TERM 0' in record.read_text().splitlines()
     assert 'stopped at the deadline, before the walltime' in (run/'jobs'/'logs'/'config_0.log').read_text()
