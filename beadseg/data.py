@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'CHANNELS', 'DIHEDRAL', 'read_pixels', 'named', 'drop_unit_axes', 'as_channels', 'normalise',
-           'read_image', 'mask_instances', 'read_instances', 'shrink_labels', 'read_mask', 'Sample', 'image_files',
-           'match_files', 'find_pairs', 'count_beads', 'read_checked', 'check_sample', 'DatasetReport', 'summarise',
-           'validate_dataset', 'check_dataset', 'density_bins', 'allocate', 'split_dataset', 'save_split', 'load_split',
-           'read_labels', 'load_arrays', 'rotation_matrix', 'affine_transform', 'warp', 'geometric_augment',
-           'photometric_augment', 'random_crop', 'tiles', 'fits_in_memory', 'make_dataset']
+           'read_image', 'check_labels', 'mask_instances', 'read_instances', 'shrink_labels', 'read_mask', 'Sample',
+           'image_files', 'match_files', 'find_pairs', 'count_beads', 'read_checked', 'check_sample', 'DatasetReport',
+           'summarise', 'validate_dataset', 'check_dataset', 'density_bins', 'allocate', 'split_dataset', 'save_split',
+           'load_split', 'read_labels', 'load_arrays', 'rotation_matrix', 'affine_transform', 'warp',
+           'geometric_augment', 'photometric_augment', 'random_crop', 'tiles', 'fits_in_memory', 'make_dataset']
 
 # %% ../nbs/02_data.ipynb #09ca9efd
 import json, logging, os
@@ -52,13 +52,14 @@ def drop_unit_axes(x:np.ndarray) -> np.ndarray:
 def as_channels(pixels:np.ndarray, # As read from the file
                 color:str='gray', # 'gray' (one channel) or 'rgb' (three)
                ) -> np.ndarray:
-    "`pixels` as float32 (H, W, C); a `ValueError` (the shape) when they are not a grayscale or RGB image."
+    "`pixels` as float32 (H, W, C); a `ValueError` when they are not a grayscale or RGB image or not all finite."
     x = drop_unit_axes(pixels)
     if x.ndim == 3 and x.shape[0] in (3, 4) and x.shape[-1] not in (3, 4): x = np.moveaxis(x, 0, -1)
     if x.ndim == 2: x = x[..., None]
     if x.ndim != 3 or x.shape[-1] not in (1, 3, 4):
         raise ValueError(f'expected a grayscale or RGB image, found shape {tuple(pixels.shape)}')
     x = x[..., :3].astype(np.float32)
+    if not np.isfinite(x).all(): raise ValueError(f'{np.count_nonzero(~np.isfinite(x))} pixel values are NaN or infinite')
     if color == 'gray' and x.shape[-1] == 3: return x @ np.float32([[0.2125], [0.7154], [0.0721]])
     return np.repeat(x, CHANNELS[color], -1) if x.shape[-1] == 1 else x
 
@@ -79,9 +80,21 @@ def read_image(path, # Image file
     except ValueError as err: raise named(path, err) from None
 
 # %% ../nbs/02_data.ipynb #e89b7de1
+def check_labels(ids:np.ndarray, # Non-binary mask values, as int32
+                 min_area:float=4, # Mean pixels per label at least
+                 max_regions:float=1.1, # Connected regions per label at most (a few labels cut in two are fine)
+                ):
+    "A `ValueError` unless `ids` look like instance labels: each label one connected blob of several pixels."
+    n = int(np.count_nonzero(np.unique(ids)))
+    regions = int(label(ids, background=0, connectivity=2).max())
+    if regions > max_regions * n + 2 or np.count_nonzero(ids) < min_area * n:
+        raise ValueError(f'mask values are neither binary nor instance labels: {n} values form {regions} separate regions '
+                         f'of {np.count_nonzero(ids) / max(n, 1):.1f} pixels per value on average (instance labels are '
+                         f'connected blobs of many pixels each; is this an image rather than a mask?)')
+
 def mask_instances(pixels:np.ndarray, # A mask as read from its file
                   ) -> tuple:
-    "(int32 ids, binary) of a mask: binary masks give 0/1; a `ValueError` when it is not 2-D or not binary/integer."
+    "(int32 ids, binary) of a mask: binary masks give 0/1; a `ValueError` when it is not 2-D, binary or instance labels."
     m = drop_unit_axes(pixels)
     if m.ndim != 2: raise ValueError(f'mask must be 2-D, found shape {tuple(pixels.shape)}')
     if m.dtype == bool: return m.astype(np.int32), True
@@ -89,8 +102,9 @@ def mask_instances(pixels:np.ndarray, # A mask as read from its file
     if not np.issubdtype(m.dtype, np.integer) and (bad := m[m != np.round(m)]).size:
         raise ValueError(f'mask values are neither binary nor integer labels (found {bad[0]})')
     values = set(np.unique(m).tolist())
-    binary = values <= {0, 1} or values <= {0, 255}
-    return ((m > 0) if binary else m).astype(np.int32), binary
+    if binary := values <= {0, 1} or values <= {0, 255}: return (m > 0).astype(np.int32), True
+    check_labels(m := m.astype(np.int32))
+    return m, False
 
 def read_instances(path) -> tuple:
     "`mask_instances` of the mask file `path`; its `ValueError` names the file."
@@ -185,9 +199,9 @@ def check_sample(sample:Sample, image_size:int, color:str, errors:list, warnings
     for path, what, other in [(sample.mask, 'mask', ids), (sample.labels, 'labels', labels and labels[0])]:
         if other is not None and other.shape != (h, w):
             errors.append(f'{path}: {what} is {other.shape[0]}x{other.shape[1]} but its image is {h}x{w}')
-    if len(errors) > n_errors: return None
     if h < image_size or w < image_size: errors.append(f'{sample.image}: image is {h}x{w}, smaller than image_size {image_size}')
-    elif h % image_size or w % image_size:
+    if len(errors) > n_errors: return None
+    if h % image_size or w % image_size:
         warnings.append(f'{sample.image}: image is {h}x{w}, not a multiple of image_size {image_size} (validation tiles leave out the rest)')
     if not ids.any(): warnings.append(f'{sample.mask}: empty mask (no beads)')
     return dict(size=f'{h}x{w}', dtype=str(pixels.dtype), mask_dtype=str(mask.dtype),
@@ -249,6 +263,7 @@ def validate_dataset(folder, # Dataset folder with images/ and masks/
     if not n_images: report.errors.insert(0, f"{folder/'images'}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     stats = {s.stem: check_sample(s, image_size, color, report.errors, report.warnings) for s in report.samples}
     stats = {stem: st for stem, st in stats.items() if st is not None}
+    if len(stats) == 1: report.errors.append(f"{folder}: only 1 usable image; training needs at least 2 (one to train on, one to validate)")
     report.bead_counts = {stem: st['beads'] for stem, st in stats.items()}
     report.summary = summarise(list(stats.values()), n_images)
     return report

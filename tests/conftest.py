@@ -25,3 +25,22 @@ def edited_settings(folder, old, new):
 def logged_epochs(history:Path) -> int:
     "Epoch rows in a `history.csv` that training may be appending to: counts lines, since a mid-write file can't be parsed."
     return max(len(history.read_text().splitlines()) - 1, 0) if history.is_file() else 0
+
+
+def nuclei_dataset(folder, layout='labels', tile=128, shrink=1):
+    """A real, public, labelled dataset: the DSB 2018 nuclei image that stardist ships (512 x 512, 125 nuclei with ids
+    up to 183), cut into `tile` x `tile` tiles. `layout` 'labels': masks/ hold the instance ids (with their gaps);
+    'binary': masks/ hold binary masks shrunk by `shrink` pixels, and there is no labels/ folder."""
+    import numpy as np, tifffile
+    from stardist.data import test_image_nuclei_2d
+    from beadseg.data import shrink_labels
+    image, labels = test_image_nuclei_2d(return_mask=True)
+    folder = Path(folder)
+    for sub in ('images', 'masks'): (folder/sub).mkdir(parents=True, exist_ok=True)
+    for y in range(0, image.shape[0], tile):
+        for x in range(0, image.shape[1], tile):
+            name, ids = f'nuclei_{y:03d}_{x:03d}.tif', labels[y:y + tile, x:x + tile]
+            tifffile.imwrite(folder/'images'/name, image[y:y + tile, x:x + tile])
+            mask = ids if layout == 'labels' else (shrink_labels(ids, shrink) > 0).astype(np.uint8) * 255
+            tifffile.imwrite(folder/'masks'/name, mask)
+    return folder
