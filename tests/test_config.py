@@ -14,7 +14,7 @@ def test_project_settings_hold_the_seed_defaults():
                               mixed_precision='auto', jit_compile='auto')
     assert s['search'] == dict(search_type='random', architectures=['unet', 'resunet', 'attention_resunet'],
                                batch_sizes=[8, 16, 32], loss_functions=['focal', 'combined', 'focal_tversky', 'combined_tversky'],
-                               n_random=30, workers=1, timeout=0)
+                               n_random=30, workers=1, timeout=0, retries=2)
     assert s['pbs'] == dict(queue='', walltime='48:00:00', array_walltime='12:00:00', ncpus=36, ngpus=1, mem='240gb')
     assert s['slurm']['time'] == '48:00:00' and s['slurm']['gres'] == 'gpu:1'
     assert s['cluster'] == dict(modules='', activate='', container='', account='', array_limit=0)
@@ -34,6 +34,14 @@ def test_project_settings_hold_the_seed_defaults():
     ('augment = true', 'augment = sometimes', "[data] augment = 'sometimes': expected true or false"),
     ('jit_compile = auto', 'jit_compile = always', "[train] jit_compile = 'always': expected one of auto, on, off"),
     ('array_time = 12:00:00', 'array_time = 2 days', "[slurm] array_time = '2 days': expected a time limit [D-]HH:MM:SS"),
+    ('learning_rate = 5e-5', 'learning_rate = inf', "[train] learning_rate = 'inf': expected a finite number"),
+    ('learning_rate = 5e-5', 'learning_rate = 1e400', "[train] learning_rate = '1e400': expected a finite number"),
+    ('dropout = 0.3', 'dropout = nan', "[train] dropout = 'nan': expected a finite number"),
+    ('seed = 42', 'seed = -1', "[data] seed = '-1': expected an integer from 0 to 4294967295"),
+    ('retries = 2', 'retries = -1', "[search] retries = '-1': expected an integer >= 0"),
+    # an INI continuation line makes a two-line value, which would reach a job script as a line of shell
+    ('account =', 'account = proj\n  --wrap=evil', "[cluster] account = 'proj\\n--wrap=evil': contains a control character"),
+    ('queue =', 'queue = workq\n  cd /', "[pbs] queue = 'workq\\ncd /': contains a control character"),
 ])
 def test_malformed_settings_name_file_and_key(tmp_path, old, new, message):
     path = edited_settings(tmp_path, old, new)
@@ -63,6 +71,17 @@ def test_overrides_are_parsed_like_the_file():
     assert s['search']['batch_sizes'] == [8, 16] and s['search']['architectures'] == ['unet']
     with pytest.raises(SettingsError, match=r"^--learning-rate = '-1': expected a positive number$"):
         load_settings(PROJECT_SETTINGS, dict(learning_rate='-1'))
+    with pytest.raises(SettingsError, match=r"^--learning-rate = 'inf': expected a finite number"):
+        load_settings(PROJECT_SETTINGS, dict(learning_rate='inf'))
+    with pytest.raises(SettingsError, match=r"^--seed = '-3': expected an integer from 0"):
+        load_settings(PROJECT_SETTINGS, dict(seed=-3))
+    with pytest.raises(SettingsError, match=r"^--account = 'a\\nb': contains a control character"):
+        load_settings(PROJECT_SETTINGS, dict(account='a\nb'))
+
+
+def test_a_run_made_before_retries_existed_reads_with_the_default(tmp_path):
+    path = edited_settings(tmp_path, 'retries = 2', '')
+    assert read_settings(path)['search']['retries'] == 2
 
 
 def test_snapshot_round_trip(tmp_path):
