@@ -6,9 +6,10 @@
 __all__ = ['IMAGE_EXTENSIONS', 'CHANNELS', 'DIHEDRAL', 'read_pixels', 'named', 'drop_unit_axes', 'as_channels', 'normalise',
            'read_image', 'check_labels', 'mask_instances', 'read_instances', 'shrink_labels', 'read_mask', 'Sample',
            'image_files', 'match_files', 'find_pairs', 'count_beads', 'read_checked', 'check_sample', 'DatasetReport',
-           'summarise', 'validate_dataset', 'check_dataset', 'density_bins', 'allocate', 'split_dataset', 'save_split',
-           'load_split', 'read_labels', 'load_arrays', 'rotation_matrix', 'affine_transform', 'warp',
-           'geometric_augment', 'photometric_augment', 'random_crop', 'tiles', 'fits_in_memory', 'make_dataset']
+           'summarise', 'validate_dataset', 'check_dataset', 'density_bins', 'allocate', 'split_sizes', 'split_dataset',
+           'crops_per_image', 'crops_per_epoch', 'save_split', 'load_split', 'read_labels', 'load_arrays',
+           'rotation_matrix', 'affine_transform', 'warp', 'geometric_augment', 'photometric_augment', 'random_crop',
+           'tiles', 'fits_in_memory', 'make_dataset']
 
 # %% ../nbs/02_data.ipynb #09ca9efd
 import json, logging, os
@@ -295,6 +296,14 @@ def allocate(sizes:np.ndarray, # Images per bin
     return take
 
 # %% ../nbs/02_data.ipynb #02efa383
+def split_sizes(n_images:int, # Images in the dataset
+                val_split:float, # Fraction held out for validation
+               ) -> tuple:
+    "(training, validation) image counts of a split: at least one on each side."
+    if n_images < 2: raise ValueError(f'a validation split needs at least 2 images, got {n_images}')
+    n_val = int(min(max(round(val_split * n_images), 1), n_images - 1))
+    return n_images - n_val, n_val
+
 def split_dataset(stems, # Image stems
                   bead_counts:dict, # {stem: beads}, e.g. `DatasetReport.bead_counts`
                   val_split:float, # Fraction held out for validation
@@ -302,8 +311,7 @@ def split_dataset(stems, # Image stems
                  ) -> tuple:
     "(train_stems, val_stems, warnings): a validation split stratified by bead density."
     stems = sorted(stems)
-    if len(stems) < 2: raise ValueError(f'a validation split needs at least 2 images, got {len(stems)}')
-    rng, n_val = np.random.default_rng(seed), int(min(max(round(val_split * len(stems)), 1), len(stems) - 1))
+    rng, n_val = np.random.default_rng(seed), split_sizes(len(stems), val_split)[1]
     bins = density_bins(np.array([bead_counts[s] for s in stems]), min(4, n_val, len(stems) - n_val))
     sizes, warnings = np.bincount(bins), []
     if sizes.min() < 2 or len(sizes) < 2:
@@ -311,6 +319,21 @@ def split_dataset(stems, # Image stems
         bins, sizes = np.zeros(len(stems), int), np.array([len(stems)])
     val = [stems[i] for b, k in enumerate(allocate(sizes, n_val)) for i in rng.permutation(np.flatnonzero(bins == b))[:k]]
     return [s for s in stems if s not in set(val)], sorted(val), warnings
+
+# %% ../nbs/02_data.ipynb #7fc8c2a2
+def crops_per_image(summary:dict, # `DatasetReport.summary`, with its {'HxW': count} `sizes`
+                    image_size:int) -> int:
+    "Random training crops per image and epoch: the mean image area over the crop area, at least 1."
+    sizes = {tuple(map(int, size.split('x'))): n for size, n in summary['sizes'].items()}
+    area = sum(h * w * n for (h, w), n in sizes.items()) / sum(sizes.values())
+    return max(1, round(area / image_size ** 2))
+
+def crops_per_epoch(summary:dict, # `DatasetReport.summary`
+                    image_size:int, # Training crop side
+                    val_split:float, # Fraction held out for validation
+                   ) -> int:
+    "Training samples in one epoch: training images times `crops_per_image`."
+    return split_sizes(summary['n_images'], val_split)[0] * crops_per_image(summary, image_size)
 
 # %% ../nbs/02_data.ipynb #d4c5e975
 def save_split(path, # JSON file to write

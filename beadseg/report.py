@@ -6,10 +6,12 @@
 __all__ = ['SCORED', 'RANKED', 'CLEAR', 'NAMES', 'SEED_BEST', 'SEED_RANGE', 'TEMPLATE_NOTEBOOK', 'OFFLINE_TEMPLATE', 'is_scored',
            'scored', 'read_json', 'mark_running', 'read_results_csv', 'load_results', 'Run', 'load_run', 'effect_table',
            'interaction_table', 'eta_squared', 'factor_effects', 'status_counts', 'coverage_statement', 'overview',
-           'ranked_table', 'failures_table', 'best_epoch_gaps', 'training_limits', 'f3', 'factor_statement',
-           'batch_statement', 'architecture_statement', 'overfit_statement', 'stopping_statement', 'seed_statements',
-           'boundary_statement', 'insights', 'plot_factors', 'plot_heatmap', 'plot_learning_curves', 'plot_gaps',
-           'plot_compute', 'image_html', 'per_image_table', 'to_html', 'tagged', 'render_report']
+           'ranked_table', 'failures_table', 'best_epoch_gaps', 'training_limits', 'f3', 'noise_level',
+           'clear_difference', 'noted', 'factor_statement', 'batch_statement', 'architecture_statement',
+           'overfit_statement', 'stopping_statement', 'seed_statements', 'boundary_statement', 'images_needed',
+           'distinguishable_statement', 'collapsed_epochs', 'validation_collapses', 'collapse_statement', 'insights',
+           'plot_factors', 'plot_heatmap', 'plot_intervals', 'plot_learning_curves', 'plot_gaps', 'plot_compute',
+           'image_html', 'per_image_table', 'to_html', 'tagged', 'render_report']
 
 # %% ../nbs/06_report.ipynb #13f1b6b6
 import base64, json
@@ -156,11 +158,11 @@ def overview(run:Run) -> pd.Series:
     return pd.Series({k: v for k, v in facts.items() if v is not None and v == v}, dtype=object, name='')
 
 # %% ../nbs/06_report.ipynb #41089d27
-RANKED = ['rank', 'config_id', 'architecture', 'batch_size', 'loss_function', SCORE, 'val_dice', 'object_f1', 'count_mae',
-          'best_epoch', 'train_seconds']
+RANKED = ['rank', 'config_id', 'architecture', 'batch_size', 'loss_function', SCORE, 'val_jaccard', 'val_jaccard_ci_low',
+          'val_jaccard_ci_high', 'val_dice', 'object_f1', 'count_mae', 'best_epoch', 'train_seconds']
 
 def ranked_table(results:pd.DataFrame, n:int=10) -> pd.DataFrame:
-    "The `n` best configurations with their scores, best epoch and training time."
+    "The `n` best configurations with their scores (whole-image Jaccard with its 95 % interval), best epoch and training time."
     table = scored(results).head(n).reindex(columns=RANKED).set_index('rank')
     return table.assign(best_epoch=table['best_epoch'].astype('Int64'), train_seconds=table['train_seconds'].round().astype('Int64'))
 
@@ -195,11 +197,29 @@ NAMES = dict(architecture='architecture', batch_size='batch size', loss_function
 
 def f3(x) -> str: return f'{x:.3f}'
 
+def noise_level(results:pd.DataFrame) -> float:
+    "The median half-width of the scored configurations' 95 % intervals of validation Jaccard (0 when none was recorded)."
+    s = scored(results)
+    if 'val_jaccard_ci_low' not in s: return 0.0
+    half = (pd.to_numeric(s['val_jaccard_ci_high'], errors='coerce') - pd.to_numeric(s['val_jaccard_ci_low'], errors='coerce')) / 2
+    return float(half.median()) if half.notna().any() else 0.0
+
+def clear_difference(results:pd.DataFrame) -> float:
+    "The smallest difference of validation Jaccard the insights call an effect: `CLEAR`, or the validation noise if larger."
+    return max(CLEAR, noise_level(results))
+
+def noted(results:pd.DataFrame) -> str:
+    "', within the validation noise of ±x' when the noise, not `CLEAR`, decides what counts as a difference."
+    return f', within the validation noise of ±{noise:.3f}' if (noise := noise_level(results)) > CLEAR else ''
+
 def factor_statement(results:pd.DataFrame) -> str:
     "Which factor explains most of the variance, and the best level of each factor with its lead."
     effects = factor_effects(results)
     if effects.empty: return 'No factor varied among the completed configurations, so no factor can be compared.'
     leads = '; '.join(f"{NAMES[f]}: {e.best} (mean {f3(e.best_mean)}, {f3(e.lead)} ahead of {e.runner_up})" for f, e in effects.iterrows())
+    if (noise := noise_level(results)) and (effects['spread'] < noise).all():
+        return (f'No factor changed best validation Jaccard by more than the validation noise (95 % intervals of about '
+                f'±{noise:.3f}), so no factor can be said to matter on this validation set. Best levels so far: {leads}.')
     known = effects['eta_squared'].dropna()
     if known.empty: return f'Too few completed configurations to separate the factors (each level has at most one). Best levels so far: {leads}.'
     top = known.index[0]
@@ -217,7 +237,7 @@ def batch_statement(results:pd.DataFrame) -> str:
     small, large = means.index.min(), means.index.max()
     diff, rho = means[large] - means[small], s['batch_size'].rank().corr(s[SCORE].rank())
     trend = f'mean Jaccard {f3(means[small])} at batch {small} vs {f3(means[large])} at batch {large}, rank correlation {rho:+.2f}'
-    if abs(diff) < CLEAR: return f"Batch size made no clear difference ({trend}): no support for the seed's hypothesis that larger batches help."
+    if abs(diff) < clear_difference(results): return f"Batch size made no clear difference ({trend}{noted(results)}): no support for the seed's hypothesis that larger batches help."
     if diff > 0: return f"Larger batches helped ({trend}), as the seed hypothesised."
     return f"Larger batches did not help; smaller ones scored higher ({trend}), contrary to the seed's hypothesis."
 
@@ -229,7 +249,7 @@ def architecture_statement(results:pd.DataFrame) -> str:
     for feature, plain, added in (('Residual connections', 'unet', 'resunet'), ('Attention gates', 'resunet', 'attention_resunet')):
         if plain not in means or added not in means: continue
         diff = means[added] - means[plain]
-        verdict = 'made no clear difference' if abs(diff) < CLEAR else 'paid off' if diff > 0 else 'did not pay off'
+        verdict = f'made no clear difference{noted(results)}' if abs(diff) < clear_difference(results) else 'paid off' if diff > 0 else 'did not pay off'
         out.append(f'{feature} {verdict}: {added} averages {f3(means[added])} vs {plain} {f3(means[plain])} ({diff:+.3f}).')
     return ' '.join(out) or 'Too few architectures completed to judge residual connections or attention gates.'
 
@@ -299,10 +319,69 @@ def boundary_statement(results:pd.DataFrame) -> str:
     return ('At the edge of the search space: ' + '; '.join(edges) + ' — the optimum may lie beyond it.') if edges else \
            'No ordered factor with three or more levels has its best level at the edge of the search space.'
 
+# %% ../nbs/06_report.ipynb #102c9fed
+def images_needed(half_width:float, # Half-width of the 95 % intervals now
+                  n_images:int, # Validation images they come from
+                  difference:float, # The score difference to tell apart
+                 ) -> int:
+    "About how many validation images would make a `difference` between two scores exceed the noise."
+    return int(np.ceil(n_images * 2 * (half_width / max(difference, 1e-3)) ** 2))
+
+def distinguishable_statement(results:pd.DataFrame) -> str:
+    "Whether the best configuration is ahead of the others by more than its validation noise."
+    s = scored(results).reset_index(drop=True)
+    cols = ['val_jaccard', 'val_jaccard_ci_low', 'val_jaccard_ci_high', 'n_val_images']
+    if len(s) < 2 or not set(cols) <= set(s) or s.loc[:1, cols].isna().any().any():
+        return 'No bootstrap intervals were recorded, so the ranking cannot be checked against the validation noise.'
+    s[cols] = s[cols].apply(pd.to_numeric, errors='coerce')
+    best, second = s.iloc[0], s.iloc[1]
+    interval = lambda r: f"{f3(r.val_jaccard)} ({f3(r.val_jaccard_ci_low)}-{f3(r.val_jaccard_ci_high)})"
+    tied = s.iloc[1:][s['val_jaccard_ci_high'].iloc[1:] >= best.val_jaccard_ci_low]
+    n, what = int(best.n_val_images), f'whole-image validation Jaccard with 95 % intervals over {int(best.n_val_images)} images'
+    if tied.empty:
+        return (f'The best configuration, {best.config_id}, is ahead by more than the noise ({what}): {interval(best)} against '
+                f'{interval(second)} for the runner-up, {second.config_id}.')
+    half, diff = (best.val_jaccard_ci_high - best.val_jaccard_ci_low) / 2, abs(best.val_jaccard - second.val_jaccard)
+    return (f'The top {len(tied) + 1} configurations are not distinguishable on this validation set: their intervals overlap '
+            f"the best's ({what}; {best.config_id} {interval(best)}, {second.config_id} {interval(second)}). Telling the best "
+            f'and the runner-up apart (a difference of {diff:.3f}) would take about {images_needed(half, n, diff)} validation '
+            f'images; treat them as equally good, or confirm on more data.')
+
+# %% ../nbs/06_report.ipynb #dd7dac32
+def collapsed_epochs(history:pd.DataFrame, # A configuration's history.csv
+                     drop:float=0.5, # Validation below this fraction of its best so far counts as collapsed
+                    ) -> list[int]:
+    "Epochs whose validation Jaccard fell below `drop` x its best so far while training Jaccard held (>= 95 % of its best so far)."
+    if history is None or len(history) < 2 or not {'jaccard', 'val_jaccard'} <= set(history): return []
+    val, train = history['val_jaccard'].astype(float), history['jaccard'].astype(float)
+    best_val, best_train = val.cummax().shift(), train.cummax().shift()
+    return history['epoch'][(val < drop * best_val) & (train >= 0.95 * best_train)].astype(int).tolist()
+
+def validation_collapses(run:'Run') -> pd.DataFrame:
+    "The scored configurations with collapsed epochs: config_id, epochs, and the validation Jaccard at its best and its lowest after."
+    rows = []
+    for cid in scored(run.results)['config_id']:
+        h = run.history(cid)
+        if epochs := collapsed_epochs(h):
+            after = h[h['epoch'] >= epochs[0]]
+            rows.append(dict(config_id=cid, epochs=epochs, best_before=float(h['val_jaccard'][h['epoch'] < epochs[0]].max()),
+                             lowest=float(after['val_jaccard'].min()), train_then=float(after['jaccard'].iloc[0])))
+    return pd.DataFrame(rows, columns=['config_id', 'epochs', 'best_before', 'lowest', 'train_then'])
+
+def collapse_statement(collapses:pd.DataFrame, n_scored:int) -> str:
+    "The insight on validation collapses (an empty string when there were none)."
+    if collapses.empty: return ''
+    c = collapses.iloc[0]
+    return (f'**Validation collapsed** in {len(collapses)} of {n_scored} configurations: in {c.config_id}, validation Jaccard fell '
+            f'from {f3(c.best_before)} to {f3(c.lowest)} (epoch {c.epochs[0]}) while training Jaccard stayed at {f3(c.train_then)}. '
+            'Their scores understate what they learnt. The likely cause is BatchNorm statistics lagging the weights when an '
+            'epoch has few optimizer steps; lower the learning rate, use smaller batches or more images.')
+
 # %% ../nbs/06_report.ipynb #420da47b
 def insights(results:pd.DataFrame, # The results table
              gaps:pd.DataFrame|None=None, # `best_epoch_gaps` of the run, best first
              patience:int|None=None, max_epochs:int|None=None, # The training limits, for the stopping statement
+             collapses:pd.DataFrame|None=None, # `validation_collapses` of the run
             ) -> list[str]:
     "The insight sentences for a results table."
     c = status_counts(results)
@@ -311,7 +390,9 @@ def insights(results:pd.DataFrame, # The results table
     if c['failed'] + c['diverged']:
         out.append(f"{c['failed'] + c['diverged']} of {c['planned']} configurations ({(c['failed'] + c['diverged']) / c['planned']:.0%}) failed or diverged; see Failures.")
     if c['scored'] < 2: out.append('Only one configuration completed: too little data to compare factors.')
-    else: out += [factor_statement(results), batch_statement(results), architecture_statement(results)]
+    else: out += [distinguishable_statement(results), factor_statement(results), batch_statement(results),
+                  architecture_statement(results)]
+    if collapses is not None and len(collapses): out.insert(0, collapse_statement(collapses, c['scored']))
     out += [boundary_statement(results)] if c['scored'] >= 2 else []
     if gaps is not None: out.append(overfit_statement(gaps))
     return [*out, stopping_statement(results, patience, max_epochs), *seed_statements(results)]
@@ -334,6 +415,25 @@ def plot_heatmap(results:pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(5.5, 2.6))
     sns.heatmap(interaction_table(results), annot=True, fmt='.3f', cmap='viridis', ax=ax, cbar_kws=dict(label='mean Jaccard'))
     ax.set(xlabel='loss function', ylabel='architecture'); fig.tight_layout()
+    return fig
+
+# %% ../nbs/06_report.ipynb #8aad6748
+def plot_intervals(results:pd.DataFrame, n:int=10) -> plt.Figure|None:
+    "Whole-image validation Jaccard of the `n` best configurations with their 95 % bootstrap intervals (None without intervals)."
+    s = scored(results).head(n)
+    cols = ['val_jaccard', 'val_jaccard_ci_low', 'val_jaccard_ci_high']
+    if not set(cols) <= set(s): return None
+    s = s.assign(**{c: pd.to_numeric(s[c], errors='coerce') for c in cols}).dropna(subset=cols)
+    if s.empty: return None
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(s) + 1))
+    y = np.arange(len(s))[::-1]
+    ax.errorbar(s['val_jaccard'], y, xerr=[s['val_jaccard'] - s['val_jaccard_ci_low'], s['val_jaccard_ci_high'] - s['val_jaccard']],
+                fmt='o', color='C0', capsize=3)
+    ax.axvspan(s['val_jaccard_ci_low'].iloc[0], s['val_jaccard_ci_high'].iloc[0], color='C0', alpha=0.1, label="best's interval")
+    base = pd.to_numeric(s.get('baseline_jaccard'), errors='coerce').dropna() if 'baseline_jaccard' in s else pd.Series(dtype=float)
+    if len(base): ax.axvline(base.iloc[0], color='0.5', linestyle=':', label='all-foreground baseline')
+    ax.set_yticks(y, s['config_id'], fontsize=7); ax.set_xlabel('validation Jaccard (whole images), 95 % interval')
+    ax.legend(fontsize=7, loc='lower right'); fig.tight_layout()
     return fig
 
 # %% ../nbs/06_report.ipynb #cfb23bbc

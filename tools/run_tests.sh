@@ -4,7 +4,8 @@
 # Expects the project's virtual environment on PATH (see README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export TF_CPP_MIN_LOG_LEVEL=2 PYTHONWARNINGS=ignore::DeprecationWarning
+# TF_ENABLE_ONEDNN_OPTS=1: TensorFlow prints its oneDNN start-up lines as on AVX-512 CPUs, on any x86 machine
+export TF_CPP_MIN_LOG_LEVEL=2 PYTHONWARNINGS=ignore::DeprecationWarning TF_ENABLE_ONEDNN_OPTS=1
 
 fingerprint() { find "$@" -type f \( -name '*.py' -o -name '*.ipynb' -o -name '*.md' \) -not -path '*/.ipynb_checkpoints/*' -print0 | sort -z | xargs -0 sha1sum; }
 
