@@ -43,10 +43,20 @@ def test_missing_dataset_says_so_and_offers_synthetic(tmp_path):
 
 @pytest.fixture(scope='module')
 def search_run(beads, tmp_path_factory):
-    "A real two-configuration search: batch 4 trains, batch 64 is larger than the training set and fails."
+    """A real two-configuration search: batch 4 trains, batch 64 is larger than the training set and fails.
+    Planned with batch 64, the search is refused at once; so the plan is made with batch 8 and edited, as a user might."""
     out = tmp_path_factory.mktemp('search')/'runs'
-    done = run_beadseg('search', '--dataset', beads, '--out', out, *TINY, '--batch-sizes', '4,64', '--loss-functions', 'dice',
-                       timeout=600)
+    refused = run_beadseg('search', '--dataset', beads, '--out', out, *TINY, '--batch-sizes', '4,64', '--loss-functions', 'dice')
+    assert refused.returncode == 2 and not out.exists(), refused.stderr
+    assert refused.stderr.strip() == (f"beadseg search: error: batch size 64 is larger than an epoch's 24 training crops "
+                                      f"(6 training images of {beads}, 4 crops each); use smaller batch sizes or more images")
+    planned = run_beadseg('search', '--dataset', beads, '--out', out, *TINY, '--batch-sizes', '4,8', '--loss-functions', 'dice',
+                          '--plan-only')
+    assert planned.returncode == 0, planned.stderr
+    plan = pd.read_csv(the_run(out)/'plan.csv')
+    plan.loc[1, ['batch_size', 'config_id']] = [64, '001_unet_bs64_dice']
+    plan.to_csv(the_run(out)/'plan.csv', index=False)
+    done = run_beadseg('search', '--resume', the_run(out), '--no-progress', timeout=600)
     return done, the_run(out)
 
 
