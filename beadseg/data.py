@@ -200,9 +200,10 @@ def check_sample(sample:Sample, image_size:int, color:str, errors:list, warnings
     for path, what, other in [(sample.mask, 'mask', ids), (sample.labels, 'labels', labels and labels[0])]:
         if other is not None and other.shape != (h, w):
             errors.append(f'{path}: {what} is {other.shape[0]}x{other.shape[1]} but its image is {h}x{w}')
-    if h < image_size or w < image_size: errors.append(f'{sample.image}: image is {h}x{w}, smaller than image_size {image_size}')
-    if len(errors) > n_errors: return None
-    if h % image_size or w % image_size:
+    mismatched, too_small = len(errors) > n_errors, h < image_size or w < image_size
+    if too_small: errors.append(f'{sample.image}: image is {h}x{w}, smaller than image_size {image_size}')
+    if mismatched: return None
+    if not too_small and (h % image_size or w % image_size):
         warnings.append(f'{sample.image}: image is {h}x{w}, not a multiple of image_size {image_size} (validation tiles leave out the rest)')
     if not ids.any(): warnings.append(f'{sample.mask}: empty mask (no beads)')
     return dict(size=f'{h}x{w}', dtype=str(pixels.dtype), mask_dtype=str(mask.dtype),

@@ -128,6 +128,13 @@ def broken(beads, tmp_path_factory):
     tifffile.imwrite(msk/'bead_009.tif', np.ones((100, 128), np.uint8))
     iio.imwrite(img/'bead_010.png', np.zeros((128, 128), np.uint8))
     tifffile.imwrite(img/'bead_011.tif', np.zeros((128, 128, 2), np.uint16))
+    nan_image = tifffile.imread(img/'bead_008.tif').astype(np.float32); nan_image[5, :10] = np.nan; nan_image[6, 0] = np.inf
+    tifffile.imwrite(img/'bead_012.tif', nan_image); shutil.copy(msk/'bead_009.tif', msk/'bead_012.tif')
+    for stem, mask in (('bead_013', tifffile.imread(img/'bead_008.tif')),  # the image itself used as its mask
+                       ('bead_014', np.random.default_rng(0).choice([0, 3, 7], (128, 128)).astype(np.uint8))):  # noise
+        shutil.copy(img/'bead_008.tif', img/f'{stem}.tif'); tifffile.imwrite(msk/f'{stem}.tif', mask)
+    tifffile.imwrite(img/'bead_015.tif', np.zeros((32, 48), np.uint16))  # too small and mismatched: both are said
+    tifffile.imwrite(msk/'bead_015.tif', np.zeros((40, 40), np.uint8))
     errors = [
         f'{img}/bead_010.tif: another file has the same stem \'bead_010\' (bead_010.png)',
         f'{img}/bead_000.tif: no mask bead_000.* in masks/',
@@ -140,6 +147,11 @@ def broken(beads, tmp_path_factory):
         f'{msk}/bead_006.tif: mask values are neither binary nor integer labels (found -1)',
         f'{img}/bead_007.tif: image is 32x48, smaller than image_size 64',
         f'{img}/bead_011.tif: expected a grayscale or RGB image, found shape (128, 128, 2)',
+        f'{img}/bead_012.tif: 11 pixel values are NaN or infinite',
+        f'{msk}/bead_013.tif: mask values are neither binary nor instance labels: ',  # the rest names the counts
+        f'{msk}/bead_014.tif: mask values are neither binary nor instance labels: ',
+        f'{msk}/bead_015.tif: mask is 40x40 but its image is 32x48',
+        f'{img}/bead_015.tif: image is 32x48, smaller than image_size 64',
     ]
     warnings = [f'{msk}/bead_007.tif: empty mask (no beads)', f'{msk}/bead_008.tif: empty mask (no beads)',
                 f'{img}/bead_009.tif: image is 100x128, not a multiple of image_size 64 (validation tiles leave out the rest)']
@@ -160,17 +172,47 @@ def test_validate_reports_every_problem_at_once(broken, validated):
     assert validated.returncode == 1 and validated.stderr == ''
     lines = validated.stdout.splitlines()
     problems = [l for l in lines if l.startswith(('error: ', 'warning: '))]
-    assert sorted(problems) == sorted([f'error: {e}' for e in errors] + [f'warning: {w}' for w in warnings])
+    expected = [f'error: {e}' for e in errors] + [f'warning: {w}' for w in warnings]
+    assert len(problems) == len(expected) and all(any(p.startswith(e) for p in problems) for e in expected)
     assert lines[-len(problems) - 1] == f'status          NOT usable: {len(errors)} errors, {len(warnings)} warnings'
     report = validate_dataset(d, 64)
-    assert sorted(report.errors) == sorted(errors) and sorted(report.warnings) == sorted(warnings) and not report.ok
+    assert [e for e in expected if e[7:] not in report.errors and e[9:] not in report.warnings] == \
+           [f'error: {e}' for e in errors if e.endswith(': ')]  # only the two prefixes are not whole lines
+    assert len(report.errors) == len(errors) and sorted(report.warnings) == sorted(warnings) and not report.ok
     with pytest.raises(ValueError) as err: check_dataset(d, 64)
     assert str(err.value) == f'{d}: {len(errors)} problems: {report.errors[0]} (run `beadseg validate {d}`)'
 
 
-@pytest.mark.parametrize('case', range(11))
+@pytest.mark.parametrize('case', range(16))
 def test_each_bad_case_has_its_one_line_message(broken, validated, case):
-    assert f'error: {broken[1][case]}\n' in validated.stdout and validated.returncode == 1
+    assert f'error: {broken[1][case]}' in validated.stdout and validated.returncode == 1
+
+
+def test_images_and_noise_used_as_masks_say_why(validated, broken):
+    msk = broken[0]/'masks'
+    for stem in ('bead_013', 'bead_014'):
+        line, = [l for l in validated.stdout.splitlines() if l.startswith(f'error: {msk}/{stem}.tif')]
+        assert 'separate regions' in line and 'instance labels are connected blobs of many pixels each' in line
+
+
+def test_a_single_image_is_too_few_to_split(beads, tmp_path):
+    d = tmp_path/'one'
+    for sub in ('images', 'masks'):
+        (d/sub).mkdir(parents=True); shutil.copy(beads/sub/'bead_000.tif', d/sub)
+    out = run_beadseg('validate', d, '--image-size', '64')
+    assert out.returncode == 1 and out.stderr == ''
+    assert [l for l in out.stdout.splitlines() if l.startswith('error')] == \
+           [f'error: {d}: only 1 usable image; training needs at least 2 (one to train on, one to validate)']
+
+
+def test_real_label_tiles_with_id_gaps_and_binary_shrunk_masks_validate(tmp_path):
+    "The layouts of real data: instance labels with gaps in their ids, and binary shrunk masks without labels/."
+    pytest.importorskip('stardist')
+    from conftest import nuclei_dataset
+    for layout in ('labels', 'binary'):
+        report = validate_dataset(nuclei_dataset(tmp_path/layout, layout), 64)
+        assert report.ok and report.summary['n_images'] == 16, report.errors
+        assert 9 <= report.summary['beads_mean'] <= 11  # 125 nuclei, some cut by tile edges; counted by distinct ids
 
 
 @pytest.mark.parametrize('layout, message', [
