@@ -4,22 +4,26 @@
 
 # %% auto #0
 __all__ = ['check_config', 'git_commit', 'device_name', 'environment', 'peak_memory_mb', 'resolve_switch', 'history_frame',
-           'EpochLog', 'finite_logs', 'save_model_atomically', 'ResumePoint', 'latest_resume_point', 'KeepBest',
-           'ResumableEarlyStopping', 'StopOnNaN', 'StopOnSignal', 'match_objects', 'score_predictions',
-           'predict_images', 'evaluate', 'save_prediction_panel', 'crops_per_image', 'prepare_data', 'seed_everything',
-           'build_or_resume', 'train', 'plot_history', 'metrics_table']
+           'EpochLog', 'finite_logs', 'fsync_path', 'save_model_atomically', 'weights_checksum', 'resume_points',
+           'latest_resume_point', 'publish_best', 'commit_epoch', 'ResumePoint', 'KeepBest', 'patience_used_up',
+           'ResumableEarlyStopping', 'StopOnNaN', 'Interrupted', 'StopOnSignal', 'predict_images', 'evaluate',
+           'save_prediction_panel', 'prepare_data', 'seed_everything', 'load_resume_point', 'build_or_resume', 'phase',
+           'train', 'plot_history', 'metrics_table']
 
 # %% ../nbs/03_train.ipynb #ecbe12ed
-import datetime, os, platform, resource, signal, subprocess, threading, time, warnings
+import datetime, hashlib, json, os, platform, resource, shutil, signal, subprocess, threading, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 import keras, tensorflow as tf
 import beadseg
 from . import data
+from .data import crops_per_image
 from .config import PROJECT_SETTINGS, load_settings
-from .search import PARAMETERS, config_from_settings, config_id, write_json, read_result, is_finished
+from .search import (PARAMETERS, Status, config_from_settings, config_id, write_json, read_result, is_finished,
+                            link_or_copy, record_kernel, stop_requested)
 from .losses import get_loss, Jaccard, DiceCoef
 from .models import build_model, check_model_args
+from .metrics import score_predictions
 
 # %% ../nbs/03_train.ipynb #5247620f
 def check_config(config:dict):
@@ -93,44 +97,86 @@ class EpochLog(keras.callbacks.Callback):
 # %% ../nbs/03_train.ipynb #7de8c48e
 def finite_logs(logs) -> bool: return all(np.isfinite(v) for v in (logs or {}).values())
 
+def fsync_path(path):
+    "Flush `path` (a file or a folder) to disk."
+    fd = os.open(path, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
 def save_model_atomically(model, path):
-    "Save `model` to `path` via a temporary file and a rename."
+    "Save `model` to `path` via a temporary file, fsync and a rename."
     path = Path(path)
-    tmp = path.with_name(f'.{path.stem}.tmp.keras')
-    model.save(tmp)
+    tmp = path.with_name(f'.{path.stem}.{os.getpid()}.tmp.keras')
+    model.save(tmp); fsync_path(tmp)
     os.replace(tmp, path)
 
-class ResumePoint(keras.callbacks.Callback):
-    "After every epoch with finite losses, save the whole model as `state/epoch_NNNN.keras`; keep only the newest."
-    def __init__(self, out_dir):
-        super().__init__()
-        self.folder = Path(out_dir)/'state'
-        self.folder.mkdir(parents=True, exist_ok=True)
-    def on_epoch_end(self, epoch, logs=None):
-        if not finite_logs(logs): return
-        save_model_atomically(self.model, self.folder/f'epoch_{epoch + 1:04d}.keras')
-        for old in self.folder.glob('epoch_*.keras'):
-            if old.name != f'epoch_{epoch + 1:04d}.keras': old.unlink()
+def weights_checksum(model) -> str:
+    "A fingerprint of `model`'s weights (not its optimizer): equal weights, equal checksum."
+    digest = hashlib.sha1()
+    for w in model.get_weights(): digest.update(np.ascontiguousarray(w).tobytes())
+    return digest.hexdigest()[:16]
+
+def resume_points(out_dir) -> list[tuple[int, Path]]:
+    "The committed epochs in `out_dir/state`, newest first: (epoch, its folder)."
+    folders = [f for f in (Path(out_dir)/'state').glob('epoch_*') if f.is_dir() and (f/'manifest.json').is_file()]
+    return sorted(((int(f.name.split('_')[1]), f) for f in folders), reverse=True)
 
 def latest_resume_point(out_dir) -> tuple[int, Path|None]:
-    "The last saved epoch in `out_dir` and its model file (0, None if none)."
-    saved = sorted((Path(out_dir)/'state').glob('epoch_*.keras'))
-    return (int(saved[-1].stem.split('_')[1]), saved[-1]) if saved else (0, None)
+    "The last committed epoch in `out_dir` and its folder (0, None if none)."
+    return (resume_points(out_dir) or [(0, None)])[0]
+
+def publish_best(out_dir, point:Path|None):
+    "Make `out_dir/model.keras` the best model of resume point `point` (none: remove it)."
+    target = Path(out_dir)/'model.keras'
+    if point is not None and (point/'best.keras').is_file(): link_or_copy(point/'best.keras', target)
+    else: target.unlink(missing_ok=True)
+
+def commit_epoch(model, out_dir, epoch:int, best_epoch:int, best_score:float, keep=2) -> Path:
+    "Commit `epoch`: the model, the best model so far and a manifest, in `state/epoch_NNNN/`, renamed into place at once."
+    state = Path(out_dir)/'state'
+    previous, final = latest_resume_point(out_dir)[1], state/f'epoch_{epoch:04d}'
+    tmp = state/f'.epoch_{epoch:04d}.{os.getpid()}.tmp'
+    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
+    model.save(tmp/'model.keras')
+    if best_epoch == epoch: link_or_copy(tmp/'model.keras', tmp/'best.keras')
+    elif previous is not None and (previous/'best.keras').is_file(): link_or_copy(previous/'best.keras', tmp/'best.keras')
+    (tmp/'manifest.json').write_text(json.dumps(dict(epoch=epoch, best_epoch=best_epoch or None,
+        best_val_jaccard=float(best_score) if best_epoch else None, weights=weights_checksum(model))))
+    for f in tmp.iterdir(): fsync_path(f)
+    if final.exists(): shutil.rmtree(final)  # a rerun of an epoch whose commit was unreadable
+    os.rename(tmp, final); fsync_path(state)
+    for _, old in resume_points(out_dir)[keep:]: shutil.rmtree(old, ignore_errors=True)
+    return final
+
+class ResumePoint(keras.callbacks.Callback):
+    "After every epoch with finite losses, commit it (`commit_epoch`) and point `model.keras` at its best model."
+    def __init__(self, out_dir, best:'KeepBest'):
+        super().__init__()
+        self.out_dir, self.best = Path(out_dir), best
+        (self.out_dir/'state').mkdir(parents=True, exist_ok=True)
+    def on_epoch_end(self, epoch, logs=None):
+        if not finite_logs(logs): return
+        print(f'beadseg phase: saving epoch {epoch + 1}', flush=True)
+        with open(self.out_dir/'state'/'epochs.jsonl', 'a') as f:  # evidence for tests: each epoch's weights as trained
+            f.write(json.dumps(dict(epoch=epoch + 1, weights=weights_checksum(self.model))) + '\n')
+        publish_best(self.out_dir, commit_epoch(self.model, self.out_dir, epoch + 1, self.best.best_epoch, self.best.best))
 
 # %% ../nbs/03_train.ipynb #6fee8c45
 class KeepBest(keras.callbacks.Callback):
-    "Save `model.keras` whenever `val_jaccard` beats the best so far (including epochs before a resume)."
+    "Track the best `val_jaccard` so far (including epochs before a resume); `ResumePoint` saves its model with the epoch."
     def __init__(self, out_dir, history:pd.DataFrame):
         super().__init__()
-        self.path = Path(out_dir)/'model.keras'
         scores = history['val_jaccard'].dropna() if len(history) else pd.Series(dtype=float)
         self.best = scores.max() if len(scores) else -np.inf
         self.best_epoch = int(history.epoch[scores.idxmax()]) if len(scores) else 0
     def on_epoch_end(self, epoch, logs=None):
         score = (logs or {}).get('val_jaccard', np.nan)
-        if np.isfinite(score) and score > self.best and finite_logs(logs):
-            self.best, self.best_epoch = score, epoch + 1
-            save_model_atomically(self.model, self.path)
+        if np.isfinite(score) and score > self.best and finite_logs(logs): self.best, self.best_epoch = score, epoch + 1
+
+def patience_used_up(history:pd.DataFrame, patience:int) -> bool:
+    "Whether early stopping would already have stopped after the epochs in `history` (so a resume trains no more)."
+    scores = history['val_jaccard'].fillna(-np.inf).to_numpy() if len(history) else np.array([])
+    return len(scores) > 0 and len(scores) - 1 - int(np.argmax(scores)) >= max(patience, 1)
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     "Early stopping on validation Jaccard whose best score and patience counter continue across a resume."
@@ -155,74 +201,54 @@ class StopOnNaN(keras.callbacks.Callback):
             self.nan_epoch, self.model.stop_training = self.params.get('epoch', 0), True
     def on_epoch_begin(self, epoch, logs=None): self.params['epoch'] = epoch + 1
 
+class Interrupted(BaseException):
+    "A stop signal (or `run_config`'s stop request) outside `model.fit`; a BaseException, so no `except Exception` swallows it."
+
 class StopOnSignal(keras.callbacks.Callback):
-    "On SIGTERM, finish the current epoch (and save it), then stop; a rerun resumes from there."
-    received, previous = False, None
-    def on_train_begin(self, logs=None):
-        def stop(signum, frame):
-            print(f'Received signal {signum}: stopping after this epoch; rerun to resume.', flush=True)
-            self.received, self.model.stop_training = True, True
+    """Within `with StopOnSignal(out_dir) as term:`, SIGTERM and SIGINT stop the run: inside `fit` after the current epoch
+    (which is saved), elsewhere at once by raising `Interrupted`; so does a `stop` file that `run_config` writes."""
+    def __init__(self, out_dir=None):
+        super().__init__()
+        self.out_dir, self.received, self.fitting, self.deferred, self.previous = out_dir, None, False, False, {}
+    def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # only there can Python catch signals
-            self.previous = signal.signal(signal.SIGTERM, stop)
-    def on_train_end(self, logs=None):
-        if self.previous is not None: signal.signal(signal.SIGTERM, self.previous)
-
-# %% ../nbs/03_train.ipynb #8d2c6ebb
-from scipy.optimize import linear_sum_assignment
-from skimage.measure import label as connected_components
-from skimage.segmentation import expand_labels
-
-def match_objects(truth, predicted, min_iou=0.5) -> int:
-    "The number of one-to-one matches with IoU >= `min_iou` between two label images (0 is background)."
-    n_t, n_p = int(truth.max()), int(predicted.max())
-    if not n_t or not n_p: return 0
-    overlap = np.bincount(truth.ravel().astype(np.int64) * (n_p + 1) + predicted.ravel(), minlength=(n_t + 1) * (n_p + 1))
-    overlap = overlap.reshape(n_t + 1, n_p + 1)[1:, 1:]
-    areas_t, areas_p = np.bincount(truth.ravel(), minlength=n_t + 1)[1:], np.bincount(predicted.ravel(), minlength=n_p + 1)[1:]
-    iou = overlap / (areas_t[:, None] + areas_p[None, :] - overlap)
-    rows, cols = linear_sum_assignment(-iou)
-    return int((iou[rows, cols] >= min_iou).sum())
-
-# %% ../nbs/03_train.ipynb #88fadf84
-def score_predictions(probabilities:list, # Per image: predicted foreground probability (H, W)
-                      masks:list, # Per image: the binary (shrunk) mask (H, W)
-                      objects:list, # Per image: ground-truth instance labels (H, W), at full bead size
-                      names:list, # Per image: its name
-                      shrink:int=0, # Pixels predicted beads are grown back by
-                      threshold=0.5):
-    "The evaluation block of `result.json` for these predictions."
-    tp = fp = fn = pixels = foreground = matched = n_true = n_pred = 0
-    per_image = []
-    for prob, mask, truth, name in zip(probabilities, masks, objects, names):
-        pred, mask = np.asarray(prob) >= threshold, np.asarray(mask).astype(bool)
-        i_tp, i_fp, i_fn = int((pred & mask).sum()), int((pred & ~mask).sum()), int((~pred & mask).sum())
-        tp, fp, fn, pixels, foreground = tp + i_tp, fp + i_fp, fn + i_fn, pixels + mask.size, foreground + int(mask.sum())
-        beads = expand_labels(connected_components(pred), shrink) if shrink else connected_components(pred)
-        matched, n_true, n_pred = matched + match_objects(truth, beads), n_true + int(truth.max()), n_pred + int(beads.max())
-        per_image.append(dict(image=name, true_count=int(truth.max()), predicted_count=int(beads.max()),
-                              jaccard=i_tp / (i_tp + i_fp + i_fn) if i_tp + i_fp + i_fn else 1.0))
-    ratio = lambda a, b, empty=1.0: a / b if b else empty
-    precision, recall = ratio(matched, n_pred), ratio(matched, n_true)
-    return dict(jaccard=ratio(tp, tp + fp + fn), dice=ratio(2 * tp, 2 * tp + fp + fn), baseline_jaccard=ratio(foreground, pixels),
-                object_precision=precision, object_recall=recall, object_f1=ratio(2 * matched, n_pred + n_true),
-                count_mae=float(np.mean([abs(p['true_count'] - p['predicted_count']) for p in per_image])) if per_image else None,
-                n_images=len(per_image), per_image=per_image)
+            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items(): signal.signal(s, handler)
+    def handle(self, signum, frame):
+        self.received = signum
+        if self.fitting:
+            print(f'Received signal {signum}: stopping after this epoch; rerun to resume.', flush=True)
+            if self.model is not None: self.model.stop_training = True
+        elif not self.deferred: raise Interrupted(f'signal {signum}')
+    def requested(self) -> bool:
+        "Whether a stop was asked for, by a signal or by a stop file."
+        if self.out_dir is not None and stop_requested(self.out_dir): self.received = self.received or 'stop request'
+        return self.received is not None
+    def check(self):
+        "Raise `Interrupted` if a stop was asked for."
+        if self.requested(): raise Interrupted(f'signal {self.received}')
+    def on_train_begin(self, logs=None): self.fitting = True
+    def on_epoch_end(self, epoch, logs=None):
+        if self.requested(): self.model.stop_training = True
+    def on_train_end(self, logs=None): self.fitting = False
 
 # %% ../nbs/03_train.ipynb #59bef37e
-def predict_images(model, images:list) -> list:
-    "Foreground probabilities (H, W) of `model` for each whole image (H, W, C), float32."
-    out = []
-    for image in images:
-        h, w = image.shape[:2]
-        padded = np.pad(image, ((0, -h % 16), (0, -w % 16), (0, 0)), mode='reflect')
-        out.append(keras.ops.convert_to_numpy(model(padded[None], training=False))[0, :h, :w, 0].astype(np.float32))
-    return out
+from .predict import predict_tiled, choose_postprocessing
+
+def predict_images(model, # A Keras segmentation model
+                   images:list, # float32 (H, W, C) images, any size
+                   tile_size:int=512, # Tile side; an image no larger is predicted whole
+                   **kwargs, # `predict_tiled`'s overlap, tta, batch_size
+                  ) -> list:
+    "Foreground probabilities (H, W) of `model` for each image, float32: `beadseg.predict.predict_tiled`, as `beadseg predict` does."
+    return [predict_tiled(model, image, tile_size, **kwargs) for image in images]
 
 # %% ../nbs/03_train.ipynb #48c0cff8
 def evaluate(model, samples:list, shrink:int=0, color='gray') -> tuple[dict, list]:
     "Score `model` on whole validation `samples`; returns the evaluation block and the probabilities."
-    images, masks, _ = data.load_arrays(samples, shrink=shrink, color=color)
-    objects = [data.read_labels(s, shrink) if s.labels else expand_labels(data.read_labels(s, shrink), shrink) for s in samples]
+    images, masks, objects = data.load_arrays(samples, shrink=shrink, color=color)  # objects: full size, grown once
     probabilities = predict_images(model, images)
     return score_predictions(probabilities, masks, objects, [s.stem for s in samples], shrink), probabilities
 
@@ -243,14 +269,6 @@ def save_prediction_panel(images, masks, probabilities, names, path, n=3):
             ax.imshow(rgb); ax.set_title(f'{name}: {title}', fontsize=8); ax.axis('off')
     fig.tight_layout(); fig.savefig(path, dpi=72); plt.close(fig)
     return Path(path)
-
-# %% ../nbs/03_train.ipynb #c69564e0
-def crops_per_image(summary:dict, # `DatasetReport.summary`, with its {'HxW': count} `sizes`
-                    image_size:int) -> int:
-    "Random training crops per image and epoch: the mean image area over the crop area, at least 1."
-    sizes = {tuple(map(int, size.split('x'))): n for size, n in summary['sizes'].items()}
-    area = sum(h * w * n for (h, w), n in sizes.items()) / sum(sizes.values())
-    return max(1, round(area / image_size ** 2))
 
 # %% ../nbs/03_train.ipynb #bd7eac21
 def prepare_data(config:dict, out_dir:Path, quiet=False):
@@ -278,11 +296,24 @@ def seed_everything(seed:int):
     keras.utils.set_random_seed(seed)
     if not tf.config.list_physical_devices('GPU'): tf.config.experimental.enable_op_determinism()
 
+def load_resume_point(out_dir:Path):
+    "The newest readable resume point: (model, epoch, folder); an unreadable one is set aside with a message. (None, 0, None) if none."
+    for epoch, folder in resume_points(out_dir):
+        try: return keras.models.load_model(folder/'model.keras'), epoch, folder
+        except Exception as err:
+            aside = folder.with_name(f'corrupt_{folder.name}_{int(time.time())}')
+            folder.rename(aside)
+            reason = (str(err).strip().splitlines() or [''])[0][:200]
+            print(f'warning: {folder}/model.keras is unreadable ({type(err).__name__}: {reason}); moved to {aside.name}, '
+                  f'resuming from the resume point before it', flush=True)
+    return None, 0, None
+
 def build_or_resume(config:dict, out_dir:Path, channels:int):
-    "A compiled model: the newest resume point in `out_dir` if there is one, else a fresh one. Returns (model, epoch)."
+    "A compiled model: the newest readable resume point in `out_dir` if there is one, else a fresh one. Returns (model, epoch)."
     keras.mixed_precision.set_dtype_policy('mixed_float16' if resolve_switch(config['mixed_precision']) else 'float32')
-    epoch, saved = latest_resume_point(out_dir)
-    if saved: return keras.models.load_model(saved), epoch
+    model, epoch, folder = load_resume_point(out_dir)
+    publish_best(out_dir, folder)  # model.keras is always the best model of the resume point training continues from
+    if model is not None: return model, epoch
     # sides left open: the model trains on crops and predicts whole images of any size divisible by 16
     model = build_model(config['architecture'], (None, None, channels), config['base_filters'], config['dropout'])
     model.compile(optimizer=keras.optimizers.Adam(config['learning_rate']), loss=get_loss(config['loss_function']),
@@ -290,6 +321,10 @@ def build_or_resume(config:dict, out_dir:Path, channels:int):
     return model, 0
 
 # %% ../nbs/03_train.ipynb #d98d9c37
+def phase(name:str):
+    "Print the phase training has reached (tests and logs find the moment by these lines)."
+    print(f'beadseg phase: {name}', flush=True)
+
 def train(config:dict, # A configuration (see `PARAMETERS`)
           out_dir=None, # Output folder; default config['out_dir']
           callbacks=(), # Extra Keras callbacks
@@ -302,56 +337,76 @@ def train(config:dict, # A configuration (see `PARAMETERS`)
         result = read_result(out_dir)
         print(f"{out_dir}: already done (status {result['status']}); nothing to do.")
         return result
-    result = dict(config=dict(config, out_dir=str(out_dir)), config_id=config_id(config), status='running', error=None,
-                  started=datetime.datetime.now().isoformat(timespec='seconds'), **environment())
-    (out_dir/'kernel.pid').write_text(str(os.getpid()))  # `run_config` forwards SIGTERM here
-    write_json(out_dir/'result.json', result)
-    try:
-        check_config(config)
-        report, train_samples, val_samples = prepare_data(config, out_dir)
-        result['dataset_summary'] = report.summary
-        seed_everything(config['seed'])
-        crops = crops_per_image(report.summary, config['image_size'])
-        ds = lambda samples, training: data.make_dataset(
-            samples, config['image_size'], config['batch_size'], training=training, augment=config['augment'],
-            seed=config['seed'], shrink=config['shrink'], color=config['color'], crops_per_image=crops if training else 1)
-        train_ds, val_ds = ds(train_samples, True), ds(val_samples, False)
-        model, initial_epoch = build_or_resume(config, out_dir, train_ds.element_spec[0].shape[-1])
-        result['params'] = model.count_params()
-        if initial_epoch: print(f'Resuming after epoch {initial_epoch}.')
-        history = history_frame(out_dir)
-        history = history[history.epoch <= initial_epoch] if len(history) else history
-        best, nan, term = KeepBest(out_dir, history), StopOnNaN(), StopOnSignal()
-        stopper = ResumableEarlyStopping(config['patience'], history)
-        # validation tiles have no known count, so Keras warns at the end of each pass: expected, not a problem
-        warnings.filterwarnings('ignore', message='Your input ran out of data')
-        if initial_epoch < config['max_epochs']:
-            model.fit(train_ds, validation_data=val_ds, epochs=config['max_epochs'], initial_epoch=initial_epoch, verbose=verbose,
-                      shuffle=False,  # the pipeline shuffles
-                      callbacks=[EpochLog(out_dir, initial_epoch), nan, best, stopper, ResumePoint(out_dir), term, *callbacks])
-        history = history_frame(out_dir)
-        # the median epoch leaves out the first one's tracing and compilation
-        epoch_seconds = float(history.epoch_seconds.median()) if len(history) else None
-        result.update(epochs_run=len(history), best_epoch=best.best_epoch or None,
-                      best_val_jaccard=float(best.best) if best.best_epoch else None,
-                      train_seconds=round(float(history.epoch_seconds.sum()), 2) if len(history) else 0.0,
-                      seconds_per_epoch=epoch_seconds and round(epoch_seconds, 3),
-                      crops_per_epoch=len(train_samples) * crops,
-                      images_per_second=epoch_seconds and round(len(train_samples) * crops / epoch_seconds, 2))
-        result['status'] = ('interrupted' if term.received else 'nan' if nan.nan_epoch is not None
-                            else 'early_stopped' if stopper.stopped_epoch else 'completed')
-        if result['status'] != 'interrupted' and best.best_epoch:
-            best_model = keras.models.load_model(out_dir/'model.keras')
-            result['evaluation'], probabilities = evaluate(best_model, val_samples, config['shrink'], config['color'])
-            images, masks, _ = data.load_arrays(val_samples[:3], shrink=config['shrink'], color=config['color'])
-            save_prediction_panel(images, masks, probabilities, [s.stem for s in val_samples], out_dir/'predictions.png')
-        if nan.nan_epoch is not None: result['error'] = f'loss became NaN in epoch {nan.nan_epoch}'
-    except Exception as err:
-        result.update(status='failed', error=str(err) if isinstance(err, ValueError) else f'{type(err).__name__}: {err}')
-        raise
-    finally:
-        result.update(finished=datetime.datetime.now().isoformat(timespec='seconds'), **peak_memory_mb())
+    counts = {k: v for k, v in (read_result(out_dir) or {}).items() if k in ('crashes', 'previous_error')}  # kept by `run_config`
+    result = dict(config=dict(config, out_dir=str(out_dir)), config_id=config_id(config), status=Status.RUNNING, error=None,
+                  started=datetime.datetime.now().isoformat(timespec='seconds'), **counts, **environment())
+    with StopOnSignal(out_dir) as term:
+        record_kernel(out_dir)  # `run_config` passes signals on to this process, once it can tell it is this one
         write_json(out_dir/'result.json', result)
+        try:
+            term.check()
+            phase('validating')
+            check_config(config)
+            report, train_samples, val_samples = prepare_data(config, out_dir)
+            result['dataset_summary'] = report.summary
+            phase('building')
+            seed_everything(config['seed'])
+            crops = crops_per_image(report.summary, config['image_size'])
+            ds = lambda samples, training: data.make_dataset(
+                samples, config['image_size'], config['batch_size'], training=training, augment=config['augment'],
+                seed=config['seed'], shrink=config['shrink'], color=config['color'], crops_per_image=crops if training else 1)
+            train_ds, val_ds = ds(train_samples, True), ds(val_samples, False)
+            model, initial_epoch = build_or_resume(config, out_dir, train_ds.element_spec[0].shape[-1])
+            result['params'] = model.count_params()
+            if initial_epoch: print(f'Resuming after epoch {initial_epoch}.')
+            epoch_log = EpochLog(out_dir, initial_epoch)  # drops rows of epochs after the resume point
+            history = history_frame(out_dir)
+            best, nan = KeepBest(out_dir, history), StopOnNaN()
+            stopper = ResumableEarlyStopping(config['patience'], history)
+            # validation tiles have no known count, so Keras warns at the end of each pass: expected, not a problem
+            warnings.filterwarnings('ignore', message='Your input ran out of data')
+            if initial_epoch < config['max_epochs'] and not patience_used_up(history, config['patience']):
+                phase('fitting')
+                model.fit(train_ds, validation_data=val_ds, epochs=config['max_epochs'], initial_epoch=initial_epoch, verbose=verbose,
+                          shuffle=False,  # the pipeline shuffles
+                          callbacks=[epoch_log, nan, best, ResumePoint(out_dir, best), stopper, term, *callbacks])
+            history = history_frame(out_dir)
+            # the median epoch leaves out the first one's tracing and compilation
+            epoch_seconds = float(history.epoch_seconds.median()) if len(history) else None
+            result.update(epochs_run=len(history), best_epoch=best.best_epoch or None,
+                          best_val_jaccard=float(best.best) if best.best_epoch else None,
+                          train_seconds=round(float(history.epoch_seconds.sum()), 2) if len(history) else 0.0,
+                          seconds_per_epoch=epoch_seconds and round(epoch_seconds, 3),
+                          crops_per_epoch=len(train_samples) * crops,
+                          images_per_second=epoch_seconds and round(len(train_samples) * crops / epoch_seconds, 2))
+            if nan.nan_epoch is None: term.check()  # stopped by a signal: the epochs are saved; a rerun evaluates
+            result['status'] = (Status.DIVERGED if nan.nan_epoch is not None
+                                else Status.EARLY_STOPPED if len(history) and history.epoch.max() < config['max_epochs']
+                                else Status.COMPLETED)
+            if best.best_epoch:
+                phase('evaluating')
+                best_model = keras.models.load_model(out_dir/'model.keras')
+                result['evaluation'], probabilities = evaluate(best_model, val_samples, config['shrink'], config['color'])
+                # the threshold and smallest bead `beadseg predict` uses by default, chosen on the same validation images
+                _, masks, objects = data.load_arrays(val_samples, shrink=config['shrink'], color=config['color'])
+                result['postprocessing'] = choose_postprocessing(probabilities, masks, objects, config['shrink'])
+                images, masks, _ = data.load_arrays(val_samples[:3], shrink=config['shrink'], color=config['color'])
+                save_prediction_panel(images, masks, probabilities, [s.stem for s in val_samples], out_dir/'predictions.png')
+            if nan.nan_epoch is not None: result['error'] = f'loss became NaN in epoch {nan.nan_epoch}'
+            term.deferred = True  # the work is done: a signal now only stops what follows
+            phase('writing')
+        except Interrupted:
+            term.deferred = True
+            result.update(status=Status.INTERRUPTED, error=None, epochs_run=latest_resume_point(out_dir)[0])
+            print(f'beadseg: stopped ({term.received}) after epoch {result["epochs_run"]}; rerun to resume.', flush=True)
+        except Exception as err:
+            term.deferred = True
+            result.update(status=Status.FAILED, error=str(err) if isinstance(err, ValueError) else f'{type(err).__name__}: {err}')
+            raise
+        finally:
+            term.deferred = True
+            result.update(finished=datetime.datetime.now().isoformat(timespec='seconds'), **peak_memory_mb())
+            write_json(out_dir/'result.json', result)
     return result
 
 # %% ../nbs/03_train.ipynb #3079bdc8
@@ -359,6 +414,7 @@ def plot_history(out_dir):
     "Learning curves from `history.csv`: loss and Jaccard, training and validation, per epoch."
     import matplotlib.pyplot as plt, seaborn as sns
     history = history_frame(out_dir)
+    if not len(history): return print('No epochs trained yet.')  # an interrupted run may have none
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, metric in zip(axes, ('loss', 'jaccard')):
         long = history.melt('epoch', [metric, f'val_{metric}'], var_name='set', value_name='value')
