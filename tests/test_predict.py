@@ -1,0 +1,216 @@
+"Segmenting new images with a trained model: any size, tiles that agree with whole images, counts, outputs, reruns, bad inputs, evaluate."
+import json, shutil
+import numpy as np, pandas as pd, pytest, tifffile
+from conftest import run_beadseg
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    "A tiny U-Net (8 base filters) trained 6 epochs on 64 x 64 crops of ten 512 x 512 synthetic images: about 40 s on 2 cores."
+    from beadseg.config import PROJECT_SETTINGS, load_settings
+    from beadseg.synthetic import synthesize
+    from beadseg.train import config_from_settings, train
+    root = tmp_path_factory.mktemp('predict')
+    beads = synthesize(root/'beads', n_images=10, size=512, seed=3)
+    config = config_from_settings(load_settings(PROJECT_SETTINGS), dataset=str(beads), out_dir=str(root/'run'), image_size=64,
+                                  base_filters=8, batch_size=8, learning_rate=1e-3, loss_function='combined', max_epochs=6,
+                                  patience=6, val_split=0.2)
+    result = train(config, verbose=0)
+    assert result['evaluation']['object_f1'] > 0.8, result['evaluation']
+    return root/'run', beads, result
+
+
+@pytest.fixture(scope='module')
+def model(trained):
+    from beadseg.predict import load_model
+    return load_model(trained[0]/'model.keras')
+
+
+def val_images(trained):
+    run, beads, _ = trained
+    return [beads/'images'/f'{stem}.tif' for stem in json.loads((run/'split.json').read_text())['val']]
+
+
+def test_training_records_the_postprocessing_and_predict_uses_it(trained, tmp_path):
+    from beadseg.predict import THRESHOLDS, predict
+    run, _, result = trained
+    post = result['postprocessing']
+    assert post['threshold'] in THRESHOLDS and post['min_size'] >= 0 and post['chosen_on'] == 'validation images'
+    # the choice is at least as good as the fixed 0.5 / no minimum the evaluation uses
+    assert post['object_f1'] >= result['evaluation']['object_f1'] - 1e-9
+    used = predict(run, val_images(trained)[:1], tmp_path, progress=False)['settings']
+    assert used == dict(color='gray', shrink=2, tile_size=64, threshold=post['threshold'], min_size=post['min_size'])
+    assert predict(run, [], tmp_path/'o', threshold=0.9, shrink=0, progress=False)['settings']['threshold'] == 0.9
+
+
+def test_labels_come_back_at_the_original_size(trained, tmp_path):
+    "Sides that are no multiple of 16, smaller than a tile or not square: labels, mask and overlay at the image's size."
+    from beadseg.predict import predict
+    image = tifffile.imread(val_images(trained)[0])
+    big = np.pad(image, ((0, 188), (0, 11)), mode='reflect')  # 700 x 523
+    for name, pixels in (('small', image[:100, :100]), ('odd', big), ('thin', image[:37, :300])):
+        tifffile.imwrite(tmp_path/f'{name}.tif', pixels)
+    run = predict(trained[0], [tmp_path/f'{n}.tif' for n in ('small', 'odd', 'thin')], tmp_path/'out', progress=False)
+    assert run['failures'] == []
+    for name, shape in (('small', (100, 100)), ('odd', (700, 523)), ('thin', (37, 300))):
+        labels = tifffile.imread(tmp_path/'out'/f'{name}_labels.tif')
+        assert labels.dtype == np.uint16 and labels.shape == shape
+        assert tifffile.imread(tmp_path/'out'/f'{name}_mask.tif').shape == shape
+        import imageio.v3 as iio
+        assert iio.imread(tmp_path/'out'/f'{name}_overlay.png').shape == (*shape, 3)
+    counts = run['counts'].set_index('image')
+    assert counts.loc['odd', 'bead_count'] > 100  # about 130 beads of about 12 px radius in 700 x 523
+
+
+def test_tiled_and_whole_image_predictions_agree(trained, model):
+    """A 512 x 512 validation image predicted whole and in tiles of 64 (the training crop; 16 px overlap), 128 and 256.
+    A tile smaller than the network's receptive field (about 180 px at depth 4) sees less context than the whole image,
+    so probabilities differ, most in the blended seam bands: the largest difference measured in three training runs was
+    0.35-0.56 (tiles of 64), 0.17-0.32 (128) and 0.08-0.11 (256).
+    The thresholded masks differ only in the seam bands (where tiles overlap, +-3 px), the 3 px along the image border,
+    or elsewhere on a bead's one-pixel edge; the beads found are the same."""
+    from skimage.segmentation import find_boundaries
+    from beadseg import data
+    from beadseg.metrics import match_objects
+    from beadseg.predict import predict_tiled, segment, tile_starts
+    image = data.read_image(val_images(trained)[0])
+    whole = predict_tiled(model, image, 512)
+    edges = find_boundaries(whole >= 0.5, mode='thick')  # the pixels on either side of a bead's outline
+    report = {}
+    for tile in (64, 128, 256):
+        tiled = predict_tiled(model, image, tile)
+        diff = np.abs(tiled - whole)
+        changed = (tiled >= 0.5) != (whole >= 0.5)
+        near = np.zeros(512, bool)
+        for start in tile_starts(512, tile, tile // 4)[1:]: near[max(start - 3, 0):start + tile // 4 + 3] = True
+        near[:3] = near[-3:] = True
+        seams = near[:, None] | near[None, :]
+        m = match_objects(segment(whole, shrink=2), segment(tiled, shrink=2))
+        report[tile] = dict(max_diff=round(float(diff.max()), 3), mean_diff=round(float(diff.mean()), 4), changed=int(changed.sum()),
+                            outside_seams=int((changed & ~seams).sum()), beads=(m['n_true'], m['n_pred'], m['tp']))
+        assert not (changed & ~seams & ~edges).any(), report
+        assert changed.mean() < 0.005 and diff[~seams].max() < diff.max() + 1e-6, report
+        assert m['tp'] >= 0.98 * m['n_true'] and abs(m['n_true'] - m['n_pred']) <= 2, report
+    print(report)
+    assert report[256]['max_diff'] < report[64]['max_diff'] and report[256]['changed'] < report[64]['changed']
+
+
+def test_tta_averages_the_eight_orientations(model, trained):
+    from beadseg import data
+    from beadseg.predict import predict_tiled
+    image = data.read_image(val_images(trained)[0])[:128, :128]
+    views = []
+    for flip in (False, True):
+        for k in range(4):
+            x = np.rot90(image[:, ::-1] if flip else image, k)
+            p = np.rot90(np.asarray(model.predict_on_batch(x[None].copy()))[0, ..., 0], -k)
+            views.append(p[:, ::-1] if flip else p)
+    np.testing.assert_allclose(predict_tiled(model, image, 128, tta=True), np.mean(views, 0), atol=1e-5)
+    assert not np.allclose(views[0], views[5], atol=1e-3)  # the orientations do differ, so the average is not trivial
+
+
+def test_counts_on_a_2048_image_within_5_percent(trained, tmp_path):
+    "1,700 beads of the usual size (about 12 px radius) in one 2048 x 2048 image, predicted in tiles of 64."
+    from beadseg.predict import predict
+    from beadseg.synthetic import BEAD_RADIUS, BEADS_PER_IMAGE, microscope_image, place_beads, render_beads
+    rng = np.random.default_rng(7)
+    centres, radii = place_beads(rng, 2048, 16 * BEADS_PER_IMAGE, BEAD_RADIUS)
+    _, signal = render_beads(2048, centres, radii, rng.lognormal(0, 0.15, len(radii)))
+    tifffile.imwrite(tmp_path/'large.tif', microscope_image(rng, signal, 1.2))
+    counts = predict(trained[0], [tmp_path/'large.tif'], tmp_path/'out', progress=False)['counts']
+    predicted, true = int(counts.bead_count[0]), len(radii)
+    print(f'2048 x 2048: {true} beads, {predicted} counted ({(predicted - true) / true:+.1%})')
+    assert abs(predicted - true) <= 0.05 * true
+    assert tifffile.imread(tmp_path/'out'/'large_labels.tif').shape == (2048, 2048)
+
+
+def test_predict_command_outputs_reruns_and_bad_inputs(trained, tmp_path):
+    from beadseg.predict import BEAD_COLUMNS, COUNT_COLUMNS
+    run, beads, _ = trained
+    images = val_images(trained)
+    (tmp_path/'broken.png').write_bytes(b'\x89PNG not really')
+    args = ('predict', run, images[0], str(beads/'images'/'bead_00[89].tif'), tmp_path/'broken.png', tmp_path/'missing.tif',
+            '--out', tmp_path/'out', '--save-prob', '--no-progress')
+    first = run_beadseg(*args)
+    assert first.returncode == 1, first.stderr
+    assert 'Traceback' not in first.stderr
+    errors = [line for line in first.stderr.splitlines() if 'broken.png' in line or 'missing.tif' in line]
+    assert sorted(errors) == [f"{tmp_path/'broken.png'}: unreadable or corrupt image file", f"{tmp_path/'missing.tif'}: no such file"]
+    names = sorted({images[0].stem, 'bead_008', 'bead_009'})
+    assert sorted(p.name for p in (tmp_path/'out').iterdir()) == sorted(
+        ['beads.csv', 'counts.csv'] + [f'{n}_{k}' for n in names for k in ('labels.tif', 'mask.tif', 'prob.tif', 'overlay.png')])
+    counts, beads_table = pd.read_csv(tmp_path/'out'/'counts.csv'), pd.read_csv(tmp_path/'out'/'beads.csv')
+    assert list(counts.columns) == COUNT_COLUMNS and list(beads_table.columns) == BEAD_COLUMNS
+    assert sorted(counts.image) == names and len(beads_table) == counts.bead_count.sum()
+    for name in names:
+        labels = tifffile.imread(tmp_path/'out'/f'{name}_labels.tif')
+        row = counts.set_index('image').loc[name]
+        assert row.bead_count == len(np.unique(labels)) - 1 == labels.max()
+        assert row.foreground_fraction == pytest.approx((labels > 0).mean())
+        mine = beads_table[beads_table.image == name]
+        assert mine.area_px.sum() == (labels > 0).sum() and row.median_area_px == pytest.approx(mine.area_px.median())
+        assert tifffile.imread(tmp_path/'out'/f'{name}_prob.tif').dtype == np.float32
+    assert 90 < counts.bead_count.mean() < 130  # about 106 beads per image
+    # a rerun skips what is done (the files stay untouched) and still lists every image
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path/'out').glob('*.tif')}
+    second = run_beadseg(*args[:4], '--out', tmp_path/'out', '--no-progress')
+    assert second.returncode == 0, second.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path/'out').glob('*.tif')} == stamps
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path/'out'/'counts.csv'), counts)
+    # nothing is left half-written
+    assert not [p for p in (tmp_path/'out').iterdir() if p.name.startswith('.')]
+
+
+def test_overwrite_predicts_again(trained, tmp_path):
+    from beadseg.predict import predict
+    image = val_images(trained)[0]
+    predict(trained[0], [image], tmp_path, progress=False)
+    labels = tmp_path/f'{image.stem}_labels.tif'
+    stamp = labels.stat().st_mtime_ns
+    predict(trained[0], [image], tmp_path, progress=False)
+    assert labels.stat().st_mtime_ns == stamp
+    predict(trained[0], [image], tmp_path, overwrite=True, progress=False)
+    assert labels.stat().st_mtime_ns > stamp
+
+
+def test_a_run_folder_means_its_best_model(trained, tmp_path):
+    from beadseg.predict import find_model
+    run, _, result = trained
+    (tmp_path/'configs').mkdir()
+    shutil.copytree(run, tmp_path/'configs'/'abc123')
+    (tmp_path/'best_hyperparameters.json').write_text(json.dumps(dict(config_id='abc123')))
+    path, found = find_model(tmp_path)
+    assert path == tmp_path/'configs'/'abc123'/'model.keras' and found['postprocessing'] == result['postprocessing']
+    shutil.copy(run/'model.keras', tmp_path/'model_abc123.keras')  # as `collect` copies it
+    assert find_model(tmp_path/'model_abc123.keras')[1]['config_id'] == result['config_id']
+    with pytest.raises(ValueError, match='not a configuration or search run folder; run `beadseg collect`'):
+        (tmp_path/'best_hyperparameters.json').unlink(); find_model(tmp_path)
+
+
+def test_bad_model_is_one_line(tmp_path):
+    (tmp_path/'junk.keras').write_text('not a model')
+    for model, message in ((tmp_path/'nothing', 'no such model'), (tmp_path/'junk.keras', 'cannot load the model')):
+        out = run_beadseg('predict', model, tmp_path, '--out', tmp_path/'out')
+        assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f'beadseg predict: error: {model}: ') and message in lines[0]
+
+
+def test_evaluate_reproduces_the_training_evaluation(trained, tmp_path):
+    "The validation images as a test set: `beadseg evaluate` scores them exactly as training's final evaluation did."
+    run, beads, result = trained
+    for sub in ('images', 'masks', 'labels'):
+        (tmp_path/'test'/sub).mkdir(parents=True)
+        for image in val_images(trained): shutil.copy(beads/sub/image.name, tmp_path/'test'/sub/image.name)
+    out = run_beadseg('evaluate', run, tmp_path/'test', '--out', tmp_path/'eval')
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"beadseg evaluate: {len(val_images(trained))} images: Jaccard ")
+    evaluation = json.loads((tmp_path/'eval'/'evaluation.json').read_text())
+    for key, value in result['evaluation'].items():
+        if key != 'per_image': assert evaluation[key] == pytest.approx(value, abs=1e-9), key
+    assert evaluation['per_image'] == result['evaluation']['per_image']
+    per_image = pd.read_csv(tmp_path/'eval'/'evaluation_per_image.csv')
+    assert list(per_image.image) == [p.stem for p in val_images(trained)]
+    bad = run_beadseg('evaluate', run, tmp_path/'nothing')
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"beadseg evaluate: error: {tmp_path/'nothing'/'images'}: no images (.tif, .tiff, .png, .jpg, .jpeg)"]
