@@ -251,13 +251,16 @@ def add_submit_arguments(parser):
     parser.add_argument('--mode', choices=('array', 'sequential'), default='array',
                         help='array: one configuration per subjob and a summary job (default); sequential: the whole search in one job')
     parser.add_argument('--only-unfinished', action='store_true', help='array over the configurations without a finished result only')
+    parser.add_argument('--retry-failed', action='store_true',
+                        help='train failed configurations again too (crashed and interrupted ones always are)')
     parser.add_argument('--dry-run', action='store_true', help='write the job scripts and print the submit commands, submit nothing')
 
 @command('submit', 'write PBS/Torque/Slurm job scripts for a run and submit them', add_submit_arguments)
 def submit_command(args):
     "Write and submit the job scripts of a run."
     from beadseg.hpc import submit
-    return submit(args.run_dir, args.scheduler, settings_from_args(args), args.mode, args.only_unfinished, args.dry_run)
+    return submit(args.run_dir, args.scheduler, settings_from_args(args), args.mode, args.only_unfinished, args.dry_run,
+                  args.retry_failed)
 
 # %% ../nbs/11_cli.ipynb #0141e4cb
 def add_report_arguments(parser):

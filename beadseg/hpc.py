@@ -4,17 +4,17 @@
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'JOBS', 'SUMMARY_TIME', 'NAMES', 'COMMON', 'TASKS', 'WHERE', 'TASK_ID', 'ARRAY_ID', 'DEPEND',
-           'index_ranges', 'array_spec', 'job_time', 'seconds', 'pbs_directives', 'slurm_directives', 'directives',
-           'which_lines', 'environment_lines', 'job_script', 'write_jobs', 'submit_commands', 'command_line', 'job_id',
-           'submit']
+           'index_ranges', 'array_spec', 'job_time', 'seconds', 'pbs_directives', 'sbatch_quote', 'slurm_directives',
+           'directives', 'which_lines', 'environment_lines', 'check_one_line', 'job_script', 'write_jobs',
+           'submit_commands', 'command_line', 'job_id', 'submit']
 
 # %% ../nbs/05_hpc.ipynb #76bbcedd
-import shlex, shutil, subprocess, sys
+import re, shlex, shutil, subprocess, sys
 from pathlib import Path
 from .config import read_settings
 
 # %% ../nbs/05_hpc.ipynb #12cb9735
-from .search import FINISHED, read_plan, unfinished_indices
+from .search import FINISHED, indices_to_run, read_plan, unfinished_indices
 
 # %% ../nbs/05_hpc.ipynb #b5398ab9
 def index_ranges(indices, # Plan indices
@@ -71,8 +71,14 @@ def pbs_directives(job:str, settings:dict, array:str='', torque:bool=False) -> l
     if array: options.append(f'{"-t" if torque else "-J"} {array}')
     return [f'#PBS {o}' for o in options]
 
+def sbatch_quote(option:str) -> str:
+    "`--key=value` as one argument of an `#SBATCH` line: sbatch splits at whitespace and takes `#` as a comment, outside double quotes."
+    key, _, value = option.partition('=')
+    if not re.search(r'[\s"\'\\#]', value): return option
+    return key + '="' + value.replace('\\', '\\\\').replace('"', '\\"') + '"'  # tried on Slurm 22.05: --output="it's a \"run\" #1/..."
+
 def slurm_directives(job:str, settings:dict, array:str='', log_dir='.') -> list:
-    "The `#SBATCH` lines of `job`; the scheduler's own output goes to `log_dir`."
+    "The `#SBATCH` lines of `job`; the scheduler's own output goes to `log_dir` (any path: spaces and quotes are escaped)."
     s, c, light = settings['slurm'], settings['cluster'], job == 'summary'
     options = [f'--job-name={NAMES[job]}', '--nodes=1', '--ntasks=1',
                f'--cpus-per-task={1 if light else s["cpus_per_task"]}', f'--time={job_time("slurm", job, settings)}']
@@ -81,7 +87,7 @@ def slurm_directives(job:str, settings:dict, array:str='', log_dir='.') -> list:
     if c['account']: options.append(f'--account={c["account"]}')
     if array: options.append(f'--array={array}')
     options.append(f'--output={log_dir}/slurm-' + ('%A_%a' if array else '%j') + '.out')
-    return [f'#SBATCH {o}' for o in options]
+    return ['#SBATCH ' + sbatch_quote(o) for o in options]
 
 def directives(scheduler:str, job:str, settings:dict, array:str='', log_dir='.') -> list:
     "The scheduler directives of `job`."
@@ -95,7 +101,9 @@ echo "beadseg: this job logs to $log"
 exec >>"$log" 2>&1
 export TF_FORCE_GPU_ALLOW_GROWTH=true TF_GPU_ALLOCATOR=cuda_malloc_async
 echo "== beadseg job $job_id on $(hostname), started $(date '+%F %T')"
-trap 'echo "== beadseg job $job_id ended $(date "+%F %T") with exit status $?"' EXIT
+# shellcheck disable=SC2329  # invoked by the trap
+log_end() { local rc=$?; echo "== beadseg job $job_id ended $(date '+%F %T') with exit status $rc"; }  # $? before $(date) resets it
+trap log_end EXIT
 if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 else echo "GPU: none found (no nvidia-smi)"; fi
 
@@ -138,7 +146,7 @@ TASKS = dict(
 echo "== configuration $index of $run_dir"
 validate_dataset || { echo "== nothing was trained: fix the dataset, then resubmit" >&2; exit 1; }
 status=0
-run run-one "$run_dir" --index "$index" || status=$?
+run run-one "$run_dir" --index "$index" ${retry:+"$retry"} || status=$?  # non-zero unless scored: the scheduler shows it failed
 finish "$status"
 """,
     summary=r"""
@@ -151,7 +159,7 @@ finish "$status"
     sequential=r"""
 validate_dataset || { echo "== nothing was trained: fix the dataset, then resubmit" >&2; exit 1; }
 status=0
-run search --resume "$run_dir" || status=$?
+run search --resume "$run_dir" ${retry:+"$retry"} || status=$?
 if [ -z "$stopped" ]; then
   run collect "$run_dir" || status=$?
   run report "$run_dir" || status=$?
@@ -173,7 +181,7 @@ def environment_lines(cluster:dict) -> list:
     lines = []
     if cluster['modules'] or cluster['activate']:
         lines.append('set +u  # module and activation scripts may read unset variables')
-        lines += [f'module load {m.strip()}' for m in cluster['modules'].split(',') if m.strip()]
+        lines += [f'module load {shlex.quote(m.strip())}' for m in cluster['modules'].split(',') if m.strip()]
         if cluster['activate']: lines += ['# shellcheck disable=SC1090,SC1091', cluster['activate']]
         lines.append('set -u')
     if not cluster['container']: return lines + ['beadseg=(beadseg)']
@@ -182,18 +190,29 @@ def environment_lines(cluster:dict) -> list:
                     'else beadseg=(singularity exec --nv "$image" beadseg); fi']
 
 # %% ../nbs/05_hpc.ipynb #0d61bc9e
+def check_one_line(value, what:str):
+    "Refuse `value` if it holds a control character: a newline would end its line in a job script and start a shell command."
+    if re.search(r'[\x00-\x1f\x7f]', str(value)):
+        raise ValueError(f'{what} {str(value)!r} contains a control character (newline, carriage return, NUL, ...); '
+                         f'job scripts cannot use it safely: rename it')
+
 def job_script(scheduler:str, # 'pbs', 'torque' or 'slurm'
                job:str, # 'array', 'summary' or 'sequential'
                run_dir, # The run folder
                settings:dict, # Resources and environment ([pbs], [slurm], [cluster])
                dataset:str, # The dataset folder, as the run's settings.ini names it
                indices:list=(), # Plan indices of an array job
+               retry_failed:bool=False, # Pass --retry-failed on: failed configurations are trained again
               ) -> str:
     "The text of a job script."
     run_dir = Path(run_dir).resolve()
+    check_one_line(run_dir, "the run folder's path"); check_one_line(dataset, 'the dataset path')
+    for section in ('cluster', 'pbs', 'slurm'):
+        for key, value in settings[section].items(): check_one_line(value, f'[{section}] {key}')
     array = array_spec(scheduler, indices, settings['cluster']['array_limit']) if job == 'array' else ''
     workdir, id_variable = WHERE[scheduler]
-    resume = f'beadseg submit {shlex.quote(str(run_dir))} --scheduler {scheduler}' + (' --mode sequential' if job == 'sequential' else ' --only-unfinished')
+    resume = (f'beadseg submit {shlex.quote(str(run_dir))} --scheduler {scheduler}'
+              + (' --mode sequential' if job == 'sequential' else ' --only-unfinished') + (' --retry-failed' if retry_failed else ''))
     limit = seconds(job_time(scheduler, job, settings))
     lines = ['#!/bin/bash', *directives(scheduler, job, settings, array, run_dir/'jobs'/'logs'),
              f'# beadseg {job} job for {run_dir}, written by `beadseg submit` (see beadseg/hpc.py)',
@@ -203,7 +222,7 @@ def job_script(scheduler:str, # 'pbs', 'torque' or 'slurm'
              *(which_lines(scheduler, indices) if job == 'array' else []),
              f'job_id=${{{id_variable}:-none}}',
              'log="$run_dir/jobs/logs/' + ('config_$index' if job == 'array' else job) + '.log"',
-             f'resume={shlex.quote(resume)}',
+             f'resume={shlex.quote(resume)}', *([] if job == 'summary' else ["retry=" + ("--retry-failed" if retry_failed else "''")]),
              f'deadline=$((SECONDS + {limit - min(600, limit // 10)}))  # stop beadseg before the walltime of {limit} s',
              *environment_lines(settings['cluster'])]
     return '\n'.join(lines) + '\n' + COMMON + TASKS[job]
@@ -213,19 +232,20 @@ def write_jobs(run_dir, # A planned run
                scheduler:str, # 'pbs', 'torque' or 'slurm'
                settings:dict, # Resources and environment
                mode:str='array', # 'array' (array + summary jobs) or 'sequential' (one job)
-               only_unfinished:bool=False, # Array over the unfinished configurations only
+               only_unfinished:bool=False, # Array over the unfinished configurations only (crashed and interrupted ones included)
+               retry_failed:bool=False, # Failed configurations count as unfinished, and are trained again
               ) -> dict:
     "Write the job scripts of `mode` into RUN_DIR/jobs/; {job: path}, empty when nothing is left to run."
     run_dir = Path(run_dir)
     if scheduler not in SCHEDULERS: raise ValueError(f"unknown scheduler {scheduler!r} (expected {', '.join(SCHEDULERS)})")
-    indices = unfinished_indices(run_dir) if only_unfinished and mode == 'array' else sorted(read_plan(run_dir)['index'])
+    indices = indices_to_run(run_dir, retry_failed) if only_unfinished and mode == 'array' else sorted(read_plan(run_dir)['index'])
     if not indices: return {}
     dataset = read_settings(run_dir/'settings.ini')['data']['dataset']
     (run_dir/'jobs'/'logs').mkdir(parents=True, exist_ok=True)
     paths = {}
     for job in (('array', 'summary') if mode == 'array' else ('sequential',)):
         paths[job] = run_dir/'jobs'/f'{job}.{scheduler}'
-        paths[job].write_text(job_script(scheduler, job, run_dir, settings, dataset, indices))
+        paths[job].write_text(job_script(scheduler, job, run_dir, settings, dataset, indices, retry_failed))
         paths[job].chmod(0o755)
     return paths
 
@@ -255,9 +275,10 @@ def submit(run_dir, # A run planned by `beadseg search --plan-only`, or an earli
            mode:str='array', # 'array' or 'sequential'
            only_unfinished:bool=False, # Array over the unfinished configurations only
            dry_run:bool=False, # Print the submit commands instead of running them
+           retry_failed:bool=False, # Train failed configurations again too
           ) -> int:
     "Write the job scripts for `run_dir` and submit them; the exit status for `beadseg submit`."
-    paths = write_jobs(run_dir, scheduler, settings, mode, only_unfinished)
+    paths = write_jobs(run_dir, scheduler, settings, mode, only_unfinished, retry_failed)
     if not paths:
         print(f'all configurations of {run_dir} are finished: nothing to submit')
         return 0

@@ -17,6 +17,7 @@ echo "cwd=$PWD env=${TF_FORCE_GPU_ALLOW_GROWTH:-} ${TF_GPU_ALLOCATOR:-}"
 case "$1" in
   validate) if [ -n "${FAKE_INVALID:-}" ]; then echo "images/bead_000.tif: unreadable"; exit 1; fi ;;
   run-one)
+    if [ "${FAKE_FAIL:-none}" = "$4" ]; then echo "failed: an error"; exit 1; fi
     if [ -n "${FAKE_SLOW:-}" ]; then
       trap 'echo "TERM $4" >> "$FAKE_RECORD"; kill "$sleeper"; exit 0' TERM
       echo "started $4" >> "$FAKE_RECORD"
@@ -209,6 +210,64 @@ def test_array_script_runs_the_right_configuration(tmp_path, scheduler, variable
     assert log.rstrip().endswith('with exit status 0')
 
 
+ODD = "it's a \"run\" folder #1"  # a space, both quotes and a hash (a comment to sbatch, unless escaped)
+
+
+def test_paths_with_spaces_and_quotes_survive_every_script(tmp_path):
+    folder = tmp_path/ODD
+    run = make_run(folder, 3, dataset="my 'data'")
+    for scheduler, variable in [('pbs', 'PBS_ARRAY_INDEX'), ('torque', 'PBS_ARRAYID'), ('slurm', 'SLURM_ARRAY_TASK_ID')]:
+        job, record = start_subjob(run, scheduler, {variable: '1', 'PBS_O_WORKDIR': str(folder), 'SLURM_SUBMIT_DIR': str(folder)})
+        out, _ = job.communicate(timeout=60)
+        assert job.returncode == 0, out
+        run_dir = run.resolve()
+        assert record.read_text().splitlines()[-2:] == [f"validate my 'data' --settings {run_dir}/settings.ini",
+                                                        f'run-one {run_dir} --index 1']
+        assert (run/'jobs'/'logs'/'config_1.log').read_text().rstrip().endswith('with exit status 0')
+    # sbatch reads its directives itself: there the path is in double quotes, its own double quotes escaped
+    output = [line for line in directive_lines(run/'jobs'/'array.slurm') if '--output' in line]
+    escaped = str(run.resolve()).replace('"', '\\"')
+    assert output == [f'#SBATCH --output="{escaped}/jobs/logs/slurm-%A_%a.out"']
+
+
+def test_control_characters_never_reach_a_script(tmp_path):
+    "A newline in the run folder's path, or in a setting, is refused with one line; nothing is written."
+    run = make_run(tmp_path/'bad\nname', 2)
+    out = submit(run.parent, 'slurm', '--dry-run')
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "the run folder's path" in out.stderr and 'contains a control character' in out.stderr
+    assert not (run/'jobs'/'array.slurm').exists()
+    run = make_run(tmp_path, 2)
+    for flag, value in [('--account', 'proj\n#SBATCH --wrap=evil'), ('--modules', 'cuda\rrm -rf ~'), ('--partition', 'a\tb')]:
+        out = submit(tmp_path, 'slurm', '--dry-run', flag, value)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and 'control character' in out.stderr, flag
+    assert not (run/'jobs').exists()
+    # module names are quoted: a `;` is part of a (strange) module name, not a second command
+    assert submit(tmp_path, 'pbs', '--dry-run', '--modules', 'cuda; touch pwned').returncode == 0
+    assert "module load 'cuda; touch pwned'" in (run/'jobs'/'array.pbs').read_text()
+
+
+def test_a_failed_configuration_fails_its_subjob(tmp_path):
+    "run-one exits 1 unless the configuration was scored; the subjob passes that on, so the scheduler shows it failed."
+    run = make_run(tmp_path, 2)
+    job, record = start_subjob(run, 'slurm', {'SLURM_ARRAY_TASK_ID': '1', 'SLURM_SUBMIT_DIR': str(tmp_path), 'FAKE_FAIL': '1'})
+    job.communicate(timeout=60)
+    assert job.returncode == 1
+    assert (run/'jobs'/'logs'/'config_1.log').read_text().rstrip().endswith('with exit status 1')
+
+
+def test_retry_failed_resubmits_failed_configurations(tmp_path):
+    run = make_run(tmp_path, 3, {0: 'completed', 1: 'failed', 2: 'crashed'})
+    assert submit(tmp_path, 'slurm', '--dry-run', '--only-unfinished').returncode == 0
+    assert '#SBATCH --array=2' in directive_lines(run/'jobs'/'array.slurm')  # crashed: retried; failed: final
+    assert submit(tmp_path, 'slurm', '--dry-run', '--only-unfinished', '--retry-failed').returncode == 0
+    assert '#SBATCH --array=1-2' in directive_lines(run/'jobs'/'array.slurm')
+    job, record = start_subjob(run, 'slurm', {'SLURM_ARRAY_TASK_ID': '1', 'SLURM_SUBMIT_DIR': str(tmp_path)},
+                               '--only-unfinished', '--retry-failed')
+    job.communicate(timeout=60)
+    assert record.read_text().splitlines()[-1] == f'run-one {run.resolve()} --index 1 --retry-failed'
+
+
 def test_unusable_dataset_stops_before_training(tmp_path):
     run = make_run(tmp_path, 2)
     job, record = start_subjob(run, 'torque', {'PBS_ARRAYID': '1', 'PBS_O_WORKDIR': str(tmp_path), 'FAKE_INVALID': '1'})
@@ -312,12 +371,22 @@ def slurm_args(activate):
     return ['--cpus-per-task', '1', '--gres', '', '--slurm-mem', '500M', '--activate', activate]
 
 
+def slurm_state(env, job):
+    "Slurm's state and exit code of `job` (this test cluster has no accounting storage, so not sacct: scontrol, which keeps ended jobs for MinJobAge)."
+    out = subprocess.run(['scontrol', 'show', 'job', job], capture_output=True, text=True, env={**os.environ, **env})
+    fields = dict(f.split('=', 1) for f in out.stdout.split() if '=' in f)
+    return fields.get('JobState'), fields.get('ExitCode')
+
+
 def test_slurm_array_and_summary_with_a_stand_in(slurm, tmp_path):
-    "The scheduler plumbing, with a fake beadseg that the jobs find through the activation line."
-    run = make_run(tmp_path, 2)
+    """The scheduler plumbing, with a fake beadseg that the jobs find through the activation line, in a run folder whose
+    path has a space and quotes; configuration 1 fails, so its subjob must show as FAILED, and the summary still runs."""
+    folder = tmp_path/ODD
+    run = make_run(folder, 2)
     bin_dir = fake_bin(tmp_path)
     record = tmp_path/'record.txt'
-    out = submit(tmp_path, 'slurm', *slurm_args(f'export PATH={bin_dir}:$PATH'), env={**slurm, 'FAKE_RECORD': str(record)})
+    out = submit(folder, 'slurm', *slurm_args(f'export PATH={bin_dir}:$PATH'),
+                 env={**slurm, 'FAKE_RECORD': str(record), 'FAKE_FAIL': '1'})
     assert out.returncode == 0, out.stderr
     array_id = out.stdout.splitlines()[0].split()[-1]
     assert out.stdout.splitlines() == [f'submitted run/jobs/array.slurm as job {array_id}',
@@ -327,13 +396,16 @@ def test_slurm_array_and_summary_with_a_stand_in(slurm, tmp_path):
     run_dir = run.resolve()
     assert sorted(c for c in calls if c.startswith('run-one')) == [f'run-one {run_dir} --index {i}' for i in (0, 1)]
     assert calls[-2:] == [f'collect {run_dir}', f'report {run_dir}']
-    # the summary job ran once the whole array had ended: it collected both results
-    assert (run/'search_results_final.csv').read_text().splitlines()[1:] == ['0,000_unet_bs8_focal', '0,001_unet_bs8_focal']
-    assert unfinished_indices(run) == []
+    # the summary job ran once the whole array had ended, the failed subjob included: it collected the one result
+    assert (run/'search_results_final.csv').read_text().splitlines()[1:] == ['0,000_unet_bs8_focal']
+    assert unfinished_indices(run) == [1]
     for name in ('search_results_final.csv', 'best_hyperparameters.json', 'report.html'):
         assert (run/name).is_file(), name
-    for log in ('config_0.log', 'config_1.log', 'summary.log'):
-        assert (run/'jobs'/'logs'/log).read_text().rstrip().endswith('with exit status 0'), log
+    for log, status in (('config_0.log', 0), ('config_1.log', 1), ('summary.log', 0)):
+        assert (run/'jobs'/'logs'/log).read_text().rstrip().endswith(f'with exit status {status}'), log
+    assert slurm_state(slurm, f'{array_id}_0') == ('COMPLETED', '0:0')
+    assert slurm_state(slurm, f'{array_id}_1') == ('FAILED', '1:0')
+    assert list((run/'jobs'/'logs').glob('slurm-*.out'))  # Slurm wrote its own output where --output said, despite the path
 
 
 def test_slurm_runs_a_tiny_search_end_to_end(slurm, tmp_path):

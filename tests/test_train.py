@@ -21,7 +21,7 @@ def wait_for_epochs(out, n, process, timeout=240):
     "Wait until `history.csv` has `n` rows and their resume point is saved."
     end = time.time() + timeout
     while time.time() < end:
-        if logged_epochs(out/'history.csv') >= n and list((out/'state').glob(f'epoch_{n:04d}.keras')):
+        if logged_epochs(out/'history.csv') >= n and (out/'state'/f'epoch_{n:04d}'/'manifest.json').is_file():
             return
         assert process.poll() is None, process.communicate()
         time.sleep(0.2)
