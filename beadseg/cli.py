@@ -270,9 +270,14 @@ def add_report_arguments(parser):
 
 @command('report', 'render the HTML report of a search run (also while it runs)', add_report_arguments)
 def report_command(args):
-    "Execute the report notebook for RUN_DIR and write OUT/<run name>.html."
+    "Execute the report notebook for RUN_DIR and write OUT/<run name>.html; a cell that fails is one line, not a traceback."
+    import papermill
     from beadseg.report import render_report
-    render_report(args.run_dir, args.out)
+    try: render_report(args.run_dir, args.out)
+    except papermill.PapermillExecutionError as err:
+        fail('report', f'{args.run_dir}: the report notebook failed in cell {err.exec_count} ({err.ename}: '
+                       f'{(str(err.evalue).splitlines() or [""])[0]}); the partial notebook is {Path(args.run_dir)/"report.ipynb"}')
+        return 1
 
 # %% ../nbs/11_cli.ipynb #7487a0e9
 def add_model_argument(parser):

@@ -78,9 +78,14 @@ class Run:
         return read_json(path) if path.exists() else {}
 
     def history(self, config_id:str) -> pd.DataFrame|None:
-        "The configuration's per-epoch history, or None."
+        "The configuration's per-epoch history, or None when it has no complete epoch yet (empty, or being written)."
         for path in (self.path/'configs'/config_id/'history.csv', self.path/f'history_{config_id}.csv'):
-            if path.exists(): return pd.read_csv(path)
+            if not path.exists(): continue
+            try: h, complete = pd.read_csv(path), path.read_bytes().endswith(b'\n')
+            except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError): return None
+            if not complete: h = h.iloc[:-1]  # its last row is still being written
+            h = h[pd.to_numeric(h.get('epoch'), errors='coerce').notna()] if {'epoch', 'val_jaccard'} <= set(h) else h.iloc[:0]
+            return h.astype({'epoch': int}) if len(h) else None
 
 def load_run(run_dir) -> Run:
     "Read a search run folder."

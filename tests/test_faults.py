@@ -239,3 +239,24 @@ def test_collect_drops_a_stale_best_when_nothing_is_scored(tmp_path):
     shutil.rmtree(run/'configs')
     table = collect(run)
     assert list(table.status) == ['pending'] and not (run/'best_hyperparameters.json').exists()
+
+
+def test_report_renders_empty_and_partial_histories(tmp_path):
+    "A run caught mid-write: histories empty, header-only and cut mid-line. `beadseg report` renders it, no traceback."
+    from test_report import make_run as make_report_run, config
+    from beadseg.report import load_run
+    configs = [config('unet', 8, 'focal', 0.61), config('unet', 8, 'dice', 0.55), config('unet', 16, 'focal', 0.5),
+               config('unet', 16, 'dice', 0.4, status='running'), config('unet', 32, 'dice', status='pending')]
+    run = make_report_run(tmp_path/'hyperparam_comprehensive_20260101_000000', configs)
+    ids = sorted(p.name for p in (run/'configs').iterdir())
+    (run/'configs'/ids[0]/'history.csv').write_text('')
+    (run/'configs'/ids[1]/'history.csv').write_text('epoch,loss,val_loss,jaccard,val_jaccard,dice,val_dice,learning_rate,epoch_seconds\n')
+    text = (run/'configs'/ids[2]/'history.csv').read_text()
+    (run/'configs'/ids[2]/'history.csv').write_text(text[:text.rindex('\n', 0, -1) + 12])  # the last row cut short
+    (run/'configs'/ids[3]/'history.csv').write_text('')
+    loaded = load_run(run)
+    assert loaded.history(ids[0]) is None and loaded.history(ids[1]) is None and loaded.history(ids[3]) is None
+    assert list(loaded.history(ids[2]).epoch) == list(range(1, 50))  # the complete rows
+    out = run_beadseg('report', run, '--out', tmp_path/'reports', timeout=600)
+    assert out.returncode == 0 and 'Traceback' not in out.stderr, out.stderr[-3000:]
+    assert (tmp_path/'reports'/f'{run.name}.html').is_file()
