@@ -165,7 +165,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'beadseg.losses.focal': ('losses.html#focal', 'beadseg/losses.py'),
                                 'beadseg.losses.focal_tversky': ('losses.html#focal_tversky', 'beadseg/losses.py'),
                                 'beadseg.losses.get_loss': ('losses.html#get_loss', 'beadseg/losses.py'),
-                                'beadseg.losses.loss_gradient': ('losses.html#loss_gradient', 'beadseg/losses.py'),
                                 'beadseg.losses.soft_counts': ('losses.html#soft_counts', 'beadseg/losses.py'),
                                 'beadseg.losses.tversky': ('losses.html#tversky', 'beadseg/losses.py')},
             'beadseg.metrics': { 'beadseg.metrics.bootstrap_intervals': ('metrics.html#bootstrap_intervals', 'beadseg/metrics.py'),

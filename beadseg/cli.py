@@ -300,7 +300,7 @@ def add_predict_arguments(parser):
     parser.add_argument('--tta', action='store_true', help='average the 8 flips and rotations (8 times slower)')
     parser.add_argument('--save-prob', action='store_true', help='also write <name>_prob.tif (float32 probabilities)')
     parser.add_argument('--overwrite', action='store_true', help='predict inputs whose outputs already exist again')
-    parser.add_argument('--tiles-per-batch', type=int, default=4, help='tiles per model call (default 4)')
+    parser.add_argument('--tiles-per-batch', type=int, help='tiles per model call (default: as many as hold 1024 x 1024 pixels)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 @command('predict', 'segment and count beads in new images with a trained model', add_predict_arguments)

@@ -56,7 +56,7 @@ def predict_tiled(model, # A Keras segmentation model, sides divisible by 16
                   tile_size:int=512, # Tile side (a multiple of 16); the training image_size is the natural choice
                   overlap:int=None, # Pixels neighbouring tiles share; default tile_size // 4
                   tta:bool=False, # Average the 8 flips and rotations
-                  batch_size:int=4, # Tiles per model call
+                  batch_size:int=None, # Tiles per model call; default as many as hold 2^20 pixels (4 tiles of 512)
                  ) -> np.ndarray:
     "float32 (H, W) foreground probabilities of `model` for `image`, predicted in blended overlapping tiles."
     if tile_size % 16: raise ValueError(f'tile size {tile_size} must be a multiple of 16')
@@ -70,6 +70,7 @@ def predict_tiled(model, # A Keras segmentation model, sides divisible by 16
                for y in ys for x in xs}
     total, norm = np.zeros((H, W), np.float32), np.zeros((H, W), np.float32)
     corners = list(weights)
+    batch_size = min(batch_size or max(2 ** 20 // (th * tw), 1), len(corners))
     for i in range(0, len(corners), batch_size):
         batch = corners[i:i + batch_size]
         tiles = np.stack([image[y:y + th, x:x + tw] for y, x in batch])
@@ -246,7 +247,7 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
             tta:bool=False, # Average the 8 flips and rotations
             save_prob:bool=False, # Also write <name>_prob.tif
             overwrite:bool=False, # Predict inputs whose outputs exist again
-            batch_size:int=4, # Tiles per model call
+            batch_size:int=None, # Tiles per model call; default as many as hold 2^20 pixels
             progress:bool=True, # A tqdm bar over the images
             log=print, # Where one-line messages go
            ) -> dict:
@@ -285,7 +286,7 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
     write_csv(out/'beads.csv', pd.concat(beads) if beads else pd.DataFrame(columns=BEAD_COLUMNS))
     return dict(counts=counts, failures=failures, settings=s, out=out)
 
-# %% ../nbs/13_predict.ipynb #p0467ec6
+# %% ../nbs/13_predict.ipynb #p049cbaf
 def evaluate_model(model, # A .keras file, configuration folder or search run folder
                    dataset, # A labelled folder: images/, masks/ (and optionally labels/)
                    out=None, # Folder for evaluation.json; default the model's configuration folder

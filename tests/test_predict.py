@@ -214,3 +214,17 @@ def test_evaluate_reproduces_the_training_evaluation(trained, tmp_path):
     bad = run_beadseg('evaluate', run, tmp_path/'nothing')
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"beadseg evaluate: error: {tmp_path/'nothing'/'images'}: no images (.tif, .tiff, .png, .jpg, .jpeg)"]
+
+
+def test_the_notebook_shows_counts_and_overlays(trained, tmp_path):
+    "nbs/predict.ipynb, run by papermill as a user would: the counts table and an overlay figure are in its outputs."
+    import papermill
+    from conftest import ROOT
+    images = [str(p) for p in val_images(trained)]
+    papermill.execute_notebook(str(ROOT/'nbs'/'predict.ipynb'), str(tmp_path/'predict.ipynb'), kernel_name='python3',
+                               parameters=dict(model=str(trained[0]), inputs=images, out=str(tmp_path/'out')), progress_bar=False)
+    outputs = [o for c in json.loads((tmp_path/'predict.ipynb').read_text())['cells'] for o in c.get('outputs', [])]
+    assert any('image/png' in o.get('data', {}) for o in outputs)
+    tables = [o['data']['text/html'] for o in outputs if 'text/html' in o.get('data', {})]
+    assert any('bead_count' in ''.join(t) and val_images(trained)[0].stem in ''.join(t) for t in tables)
+    assert (tmp_path/'out'/'counts.csv').is_file() and len(pd.read_csv(tmp_path/'out'/'counts.csv')) == len(images)
