@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['LOSSES', 'soft_counts', 'dice', 'tversky', 'focal', 'focal_tversky', 'combined', 'combined_tversky',
-           'SegmentationLoss', 'get_loss', 'ForegroundCounts', 'Jaccard', 'DiceCoef', 'loss_gradient']
+           'SegmentationLoss', 'get_loss', 'ForegroundCounts', 'Jaccard', 'DiceCoef']
 
 # %% ../nbs/00_losses.ipynb #a0ab4e77
 import inspect
@@ -120,13 +120,3 @@ class DiceCoef(ForegroundCounts):
     "Foreground Dice of the whole set: 2 TP / (2 TP + FP + FN)."
     def __init__(self, threshold=0.5, name='dice_coef', dtype=None): super().__init__(threshold, name, dtype)
     def result(self): return self.ratio(2)
-
-# %% ../nbs/00_losses.ipynb #e7f7e12a
-def loss_gradient(loss, y_true, y_pred):
-    "The gradient of `loss(y_true, y_pred)` with respect to `y_pred` (TensorFlow backend)."
-    import tensorflow as tf
-    y_pred = tf.convert_to_tensor(y_pred)
-    with tf.GradientTape() as tape:
-        tape.watch(y_pred)
-        value = loss(y_true, y_pred)
-    return value, tape.gradient(value, y_pred)

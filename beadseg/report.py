@@ -11,7 +11,7 @@ __all__ = ['SCORED', 'RANKED', 'CLEAR', 'NAMES', 'SEED_BEST', 'SEED_RANGE', 'TEM
            'overfit_statement', 'stopping_statement', 'seed_statements', 'boundary_statement', 'images_needed',
            'distinguishable_statement', 'collapsed_epochs', 'validation_collapses', 'collapse_statement', 'insights',
            'plot_factors', 'plot_heatmap', 'plot_intervals', 'plot_learning_curves', 'plot_gaps', 'plot_compute',
-           'image_html', 'per_image_table', 'to_html', 'tagged', 'render_report']
+           'image_html', 'per_image_table', 'to_html', 'render_report']
 
 # %% ../nbs/06_report.ipynb #13f1b6b6
 import base64, json
@@ -513,16 +513,6 @@ def to_html(notebook, # An executed notebook file
     html.write_text(body, encoding='utf-8')
     return html
 
-# %% ../nbs/06_report.ipynb #89cb9c76
-def tagged(template) -> 'nbformat.NotebookNode':
-    "The report notebook with its parameters cell and front-matter cell tagged."
-    import nbformat
-    nb = nbformat.read(template, as_version=4)
-    next(c for c in nb.cells if c.cell_type == 'code').metadata['tags'] = ['parameters']
-    for c in nb.cells:
-        if c.cell_type == 'markdown' and c.source.startswith('---') and 'skip_exec' in c.source: c.metadata['tags'] = ['remove-cell']
-    return nb
-
 # %% ../nbs/06_report.ipynb #4027baa4
 def render_report(run_dir, # A search run folder
                   out='reports', # Folder for <run name>.html
@@ -537,7 +527,7 @@ def render_report(run_dir, # A search run folder
     executed = run.path/'report.ipynb'
     print(f'executing {template.name} for {run.path} ...', flush=True)
     with stderr_to(run.path/'kernel.log'):  # the kernel's own messages stay out of the terminal
-        pm.execute_notebook(tagged(template), str(executed), parameters={'run_dir': str(run.path.resolve())}, kernel_name=kernel,
+        pm.execute_notebook(str(template), str(executed), parameters={'run_dir': str(run.path.resolve())}, kernel_name=kernel,
                             progress_bar=False, log_output=False)
     html = to_html(executed, Path(out)/f'{run.name}.html', f'beadseg report: {run.name}')
     print(f'wrote {html} (executed notebook: {executed})')

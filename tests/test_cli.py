@@ -46,6 +46,7 @@ def test_models_prints_parameter_counts_and_rejects_bad_sizes():
 
 
 def test_default_models_are_the_seeds():
+    "The seed's counts at full size (512x512x1, 64 base filters): the one place pytest builds the full-size models."
     out = run_beadseg('models')
     assert out.returncode == 0, out.stderr
     for number in ('31,401,345', '33,156,929', '34,204,293'):

@@ -201,38 +201,36 @@ EDGE_CASES = {
 }
 
 
-@pytest.fixture(scope='module')
-def edge_pages(tmp_path_factory):
-    "The edge-case runs rendered in one `beadseg report` call each, two at a time."
-    tmp = tmp_path_factory.mktemp('edges')
-    runs = {name: make_run(tmp/name, configs) for name, configs in EDGE_CASES.items()}
-    procs = {name: subprocess.Popen([str(Path(sys.executable).parent/'beadseg'), 'report', str(run), '--out', str(tmp/'reports')],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name, run in runs.items()}
-    pages = {}
-    for name, proc in procs.items():
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err
-        pages[name] = (tmp/'reports'/f'{name}.html').read_text()
-    return pages
+def edge_case(tmp_path, name):
+    "The edge-case run `name` read as the report notebook reads it: the run, its insights and its failures."
+    run = R.load_run(make_run(tmp_path/name, EDGE_CASES[name]))
+    return run, R.insights(run.results, R.best_epoch_gaps(run, 10), **R.training_limits(run),
+                           collapses=R.validation_collapses(run)), R.failures_table(run.results)
 
 
-def test_single_configuration(edge_pages):
-    page = edge_pages['single']
-    assert 'All 1 planned configurations completed' in page
-    assert 'Only one configuration completed: too little data to compare factors' in page
-    assert 'ranked 1 of 1 with 0.410' in page
+def test_single_configuration(tmp_path):
+    run, insights, _ = edge_case(tmp_path, 'single')
+    assert R.coverage_statement(run.results) == 'All 1 planned configurations completed; the numbers below cover all of them.'
+    assert 'Only one configuration completed: too little data to compare factors.' in insights
+    assert any('ranked 1 of 1 with 0.410' in line for line in insights)
 
 
-def test_nothing_completed(edge_pages):
-    page = edge_pages['nothing_completed']
+def test_nothing_completed_renders(tmp_path):
+    "The one edge case rendered through papermill: a run with nothing scored still gives a page, with its failure."
+    run, insights, failures = edge_case(tmp_path, 'nothing_completed')
+    assert insights == ['Nothing has completed yet, so there is nothing to compare.']
+    out = run_beadseg('report', run.path, '--out', tmp_path/'reports', timeout=600)
+    assert out.returncode == 0, out.stderr
+    page = (tmp_path/'reports'/'nothing_completed.html').read_text()
     assert 'Nothing has completed yet' in page
     assert 'not finished yet: 1 running and 1 pending' in page and 'ValueError: bad mask' in page
 
 
-def test_partly_failed_and_running(edge_pages):
-    page = edge_pages['partly_done']
-    assert 'cover the 2 of 5 planned configurations that completed (not finished yet: 1 running and 1 pending; 1 diverged)' in page
-    assert 'loss became NaN at epoch 3' in page
+def test_partly_failed_and_running(tmp_path):
+    run, _, failures = edge_case(tmp_path, 'partly_done')
+    assert R.coverage_statement(run.results) == ('The numbers below cover the 2 of 5 planned configurations that completed '
+                                                 '(not finished yet: 1 running and 1 pending; 1 diverged).')
+    assert failures['error'].tolist() == ['loss became NaN at epoch 3']
 
 
 def test_missing_run_folder_is_one_line(tmp_path):

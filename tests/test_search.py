@@ -141,4 +141,5 @@ def test_report_renders_from_a_real_partly_failed_search(search_run, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     html = (tmp_path/'reports'/f'{run.name}.html').read_text()
     assert '000_unet_bs4_dice' in html and 'is larger than the training set' in html
+    assert 'val_jaccard_ci_low' in html and 'val_jaccard_ci_high' in html  # the ranked table's interval
     assert (run/'report.ipynb').is_file()
