@@ -6,15 +6,15 @@ from conftest import run_beadseg
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-    "A tiny U-Net (8 base filters) trained 6 epochs on 64 x 64 crops of ten 512 x 512 synthetic images: about 40 s on 2 cores."
+    "A tiny U-Net (8 base filters) trained 5 epochs on 64 x 64 crops of eight 512 x 512 synthetic images: about 30 s on 2 free cores."
     from beadseg.config import PROJECT_SETTINGS, load_settings
     from beadseg.synthetic import synthesize
     from beadseg.train import config_from_settings, train
     root = tmp_path_factory.mktemp('predict')
-    beads = synthesize(root/'beads', n_images=10, size=512, seed=3)
+    beads = synthesize(root/'beads', n_images=8, size=512, seed=3)
     config = config_from_settings(load_settings(PROJECT_SETTINGS), dataset=str(beads), out_dir=str(root/'run'), image_size=64,
-                                  base_filters=8, batch_size=8, learning_rate=1e-3, loss_function='combined', max_epochs=6,
-                                  patience=6, val_split=0.2)
+                                  base_filters=8, batch_size=8, learning_rate=1e-3, loss_function='combined', max_epochs=5,
+                                  patience=5, val_split=0.25)
     result = train(config, verbose=0)
     assert result['evaluation']['object_f1'] > 0.8, result['evaluation']
     return root/'run', beads, result
@@ -129,14 +129,14 @@ def test_predict_command_outputs_reruns_and_bad_inputs(trained, tmp_path):
     run, beads, _ = trained
     images = val_images(trained)
     (tmp_path/'broken.png').write_bytes(b'\x89PNG not really')
-    args = ('predict', run, images[0], str(beads/'images'/'bead_00[89].tif'), tmp_path/'broken.png', tmp_path/'missing.tif',
+    args = ('predict', run, images[0], str(beads/'images'/'bead_00[01].tif'), tmp_path/'broken.png', tmp_path/'missing.tif',
             '--out', tmp_path/'out', '--save-prob', '--no-progress')
     first = run_beadseg(*args)
     assert first.returncode == 1, first.stderr
     assert 'Traceback' not in first.stderr
     errors = [line for line in first.stderr.splitlines() if 'broken.png' in line or 'missing.tif' in line]
     assert sorted(errors) == [f"{tmp_path/'broken.png'}: unreadable or corrupt image file", f"{tmp_path/'missing.tif'}: no such file"]
-    names = sorted({images[0].stem, 'bead_008', 'bead_009'})
+    names = sorted({images[0].stem, 'bead_000', 'bead_001'})
     assert sorted(p.name for p in (tmp_path/'out').iterdir()) == sorted(
         ['beads.csv', 'counts.csv'] + [f'{n}_{k}' for n in names for k in ('labels.tif', 'mask.tif', 'prob.tif', 'overlay.png')])
     counts, beads_table = pd.read_csv(tmp_path/'out'/'counts.csv'), pd.read_csv(tmp_path/'out'/'beads.csv')
@@ -153,8 +153,7 @@ def test_predict_command_outputs_reruns_and_bad_inputs(trained, tmp_path):
     assert 90 < counts.bead_count.mean() < 130  # about 106 beads per image
     # a rerun skips what is done (the files stay untouched) and still lists every image
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path/'out').glob('*.tif')}
-    second = run_beadseg(*args[:4], '--out', tmp_path/'out', '--no-progress')
-    assert second.returncode == 0, second.stderr
+    assert in_process(*args[:4], '--out', tmp_path/'out', '--no-progress') == (0, [])
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path/'out').glob('*.tif')} == stamps
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path/'out'/'counts.csv'), counts)
     # nothing is left half-written
@@ -187,13 +186,25 @@ def test_a_run_folder_means_its_best_model(trained, tmp_path):
         (tmp_path/'best_hyperparameters.json').unlink(); find_model(tmp_path)
 
 
+def in_process(*args) -> tuple:
+    "(exit status, stderr lines) of `beadseg ARGS` run in this process (error paths; the subprocess tests cover the script)."
+    import io
+    from contextlib import redirect_stderr
+    from beadseg.cli import main
+    err = io.StringIO()
+    with redirect_stderr(err): status = main([str(a) for a in args])
+    return status, err.getvalue().strip().splitlines()
+
+
 def test_bad_model_is_one_line(tmp_path):
     (tmp_path/'junk.keras').write_text('not a model')
-    for model, message in ((tmp_path/'nothing', 'no such model'), (tmp_path/'junk.keras', 'cannot load the model')):
-        out = run_beadseg('predict', model, tmp_path, '--out', tmp_path/'out')
-        assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr
-        lines = out.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(f'beadseg predict: error: {model}: ') and message in lines[0]
+    out = run_beadseg('predict', tmp_path/'junk.keras', tmp_path, '--out', tmp_path/'out')
+    assert out.returncode == 2 and 'Traceback' not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"beadseg predict: error: {tmp_path/'junk.keras'}: cannot load the model")
+    assert in_process('predict', tmp_path/'nothing', tmp_path, '--out', tmp_path/'out') == (2, [
+        f"beadseg predict: error: {tmp_path/'nothing'}: no such model: give a .keras file, a configuration folder or a search run folder"])
+    assert not (tmp_path/'out').exists()
 
 
 def test_evaluate_reproduces_the_training_evaluation(trained, tmp_path):
@@ -211,9 +222,8 @@ def test_evaluate_reproduces_the_training_evaluation(trained, tmp_path):
     assert evaluation['per_image'] == result['evaluation']['per_image']
     per_image = pd.read_csv(tmp_path/'eval'/'evaluation_per_image.csv')
     assert list(per_image.image) == [p.stem for p in val_images(trained)]
-    bad = run_beadseg('evaluate', run, tmp_path/'nothing')
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        f"beadseg evaluate: error: {tmp_path/'nothing'/'images'}: no images (.tif, .tiff, .png, .jpg, .jpeg)"]
+    assert in_process('evaluate', run, tmp_path/'nothing') == (2, [
+        f"beadseg evaluate: error: {tmp_path/'nothing'/'images'}: no images (.tif, .tiff, .png, .jpg, .jpeg)"])
 
 
 def test_the_notebook_shows_counts_and_overlays(trained, tmp_path):
