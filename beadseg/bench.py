@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PRECISIONS', 'COLUMNS', 'SUMMARY', 'conv_flops', 'model_flops', 'StepTimer', 'time_steps', 'in_memory',
            'pipeline_rate', 'bench_config', 'kernel_start_seconds', 'bench_configs', 'bench_dataset', 'run_bench',
-           'bench_table', 'loss_precision_table']
+           'bench_table', 'loss_precision_table', 'pipeline_per_core', 'cores_needed']
 
 # %% ../nbs/08_bench.ipynb #dba1c48a
 import datetime, functools, gc, itertools, math, tempfile, time
@@ -213,3 +213,32 @@ def loss_precision_table(size:int=512, # Image side
         rows.append(dict(loss=name, float32=same, float16_input=half, difference=abs(half - same),
                          ok=abs(half - same) <= rtol * abs(same), rounding_effect=abs(same - float(loss(y, p32)))))
     return pd.DataFrame(rows)
+
+# %% ../nbs/08_bench.ipynb #9bbf88db
+def pipeline_per_core(samples:list, # Dataset samples (`DatasetReport.samples`)
+                      image_size:int=512, # Crop side
+                      batch_size:int=16,
+                      cores=None, # Core counts to measure; default 1, 2 and all of this machine's
+                      min_seconds:float=5., # Timed seconds per core count at least
+                      seed:int=0, shrink:int=2, color:str='gray', augment:bool=True,
+                     ) -> pd.DataFrame:
+    "Augmented training crops per second from the tf.data pipeline alone, with 1, 2, ... CPU cores: total and per core."
+    import os
+    cores = sorted(set(cores or (1, 2, os.cpu_count())))
+    crops = max(1, round(np.prod(data.read_mask(samples[0].mask).shape) / image_size ** 2))  # as training takes them
+    rows = []
+    for n in cores:
+        options = tf.data.Options()
+        options.threading.private_threadpool_size, options.threading.max_intra_op_parallelism = n, 1
+        ds = data.make_dataset(samples, image_size, batch_size, training=True, augment=augment, seed=seed, shrink=shrink,
+                               color=color, crops_per_image=crops).repeat().with_options(options)
+        rate = pipeline_rate(ds, batch_size, warmup=math.ceil(len(samples) * crops / batch_size) + 2, steps=5,
+                             min_seconds=min_seconds)
+        rows.append(dict(cores=n, image_size=image_size, images_per_s=rate, images_per_s_per_core=rate / n))
+    return pd.DataFrame(rows)
+
+def cores_needed(per_core:pd.DataFrame, # `pipeline_per_core`'s table
+                 gpu_images_per_s:float, # What the GPU trains per second
+                ) -> int:
+    "CPU cores that feed `gpu_images_per_s`, at the per-core rate measured with the most cores (the conservative one)."
+    return math.ceil(gpu_images_per_s / per_core.sort_values('cores')['images_per_s_per_core'].iloc[-1])

@@ -1,4 +1,5 @@
 "`beadseg bench`: the CSV it writes (every column, numbers consistent within each row) and its errors. No timing assertions."
+import os
 import numpy as np, pandas as pd, pytest
 from conftest import run_beadseg
 
@@ -48,3 +49,18 @@ def test_bench_bad_flags_fail_in_one_line(tmp_path):
         done = run_beadseg('bench', *args, '--out', tmp_path/'x.csv')
         assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
         assert not (tmp_path/'x.csv').exists()
+
+
+def test_pipeline_cores_reports_rates_per_core_and_the_cores_a_gpu_needs(beads):
+    done = run_beadseg('bench', '--pipeline-cores', '--dataset', beads, '--image-size', '32', '--gpu-rate', '1e9')
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    rows = [l.split() for l in lines[2:-1]]  # below the title and the header, above the conclusion
+    assert [int(r[0]) for r in rows] == sorted({1, 2, os.cpu_count()})
+    for cores, size, total, per_core in ((int(r[0]), int(r[1]), float(r[2]), float(r[3])) for r in rows):
+        assert size == 32 and total > 0 and per_core == pytest.approx(total / cores, rel=0.01, abs=0.1)
+    needed, words = lines[-1].split(maxsplit=1)
+    assert words == 'cores feed a GPU training 1e+09 images/s at this per-core rate'
+    assert int(needed) == pytest.approx(1e9 / float(rows[-1][3]), rel=0.01)  # the per-core rate with the most cores
+    bad = run_beadseg('bench', '--pipeline-cores', '--dataset', beads, '--image-size', '32', '--gpu-rate', '0')
+    assert bad.returncode == 2 and bad.stderr.strip() == 'beadseg bench: error: --gpu-rate must be a positive number of images per second, got 0.0'
