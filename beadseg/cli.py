@@ -10,7 +10,7 @@ __all__ = ['COMMANDS', 'BENCH_DEFAULTS', 'QuietImport', 'QuietLoader', 'quiet_te
            'submit_command', 'add_report_arguments', 'report_command', 'add_model_argument', 'given',
            'add_predict_arguments', 'predict_command', 'add_evaluate_arguments', 'evaluate_command',
            'add_synth_arguments', 'synth_command', 'validate_command', 'add_demo_arguments', 'demo_command',
-           'add_bench_arguments', 'bench_command']
+           'add_bench_arguments', 'bench_command', 'pipeline_command']
 
 # %% ../nbs/11_cli.ipynb #f20c4bb7
 import argparse, importlib.abc, importlib.util, os, sys, tempfile
@@ -387,6 +387,10 @@ def add_bench_arguments(parser):
     parser.add_argument('--no-reference', action='store_true', help='skip the in-memory reference (no ratio)')
     parser.add_argument('--no-overhead', action='store_true', help='skip timing a papermill kernel start')
     parser.add_argument('--out', help='CSV file (default runs/bench_<time>.csv)')
+    parser.add_argument('--pipeline-cores', action='store_true',
+                        help="only the augmenting input pipeline, with 1, 2 and all cores, at --image-size (default the settings', 512)")
+    parser.add_argument('--gpu-rate', type=float, default=300.,
+                        help='with --pipeline-cores: the GPU training rate (images/s) the cores must feed (default 300)')
 
 @command('bench', 'measure training throughput, the input pipeline, memory and FLOPs', add_bench_arguments)
 def bench_command(args):
@@ -399,6 +403,7 @@ def bench_command(args):
     precisions = parse('--precision', args.precision, list_of(one_of(tuple(PRECISIONS))))
     xla = parse('--xla', args.xla, list_of(one_of(('on', 'off', 'auto'))))
     steps, warmup, rounds = (parse(f'--{k}', getattr(args, k), positive_int) for k in ('steps', 'warmup', 'rounds'))
+    if args.pipeline_cores: return pipeline_command(args)
     for name, value in BENCH_DEFAULTS.items():
         if getattr(args, name) is None: setattr(args, name, value)
     s = settings_from_args(args)
@@ -407,3 +412,20 @@ def bench_command(args):
                         args.out, not args.no_overhead)
     print(bench_table(results))
     return 1 if results['error'].notna().any() else 0
+
+
+def pipeline_command(args):
+    "`beadseg bench --pipeline-cores`: the pipeline's images/s per CPU core, and the cores a GPU of `--gpu-rate` needs."
+    import tempfile
+    from beadseg import data
+    from beadseg.bench import bench_dataset, cores_needed, pipeline_per_core
+    s = settings_from_args(args)
+    d, size = s['data'], s['data']['image_size']
+    if not args.gpu_rate > 0: raise ValueError(f'--gpu-rate must be a positive number of images per second, got {args.gpu_rate}')
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, described = bench_dataset(s, size, 16, tmp)
+        report = data.check_dataset(folder, size, d['mask_suffix'], d['color'])
+        print(f'augmenting pipeline alone, {size} x {size} crops of {described}', flush=True)
+        table = pipeline_per_core(report.samples, size, seed=d['seed'], shrink=d['shrink'], color=d['color'], augment=d['augment'])
+    print(table.to_string(index=False, float_format=lambda v: f'{v:.1f}'))
+    print(f'{cores_needed(table, args.gpu_rate)} cores feed a GPU training {args.gpu_rate:g} images/s at this per-core rate')
