@@ -9,7 +9,7 @@ trained (`state/epochs.jsonl` keeps each epoch's weights checksum as it was comp
 import json, os, signal, subprocess, sys, threading, time
 from pathlib import Path
 import pandas as pd, pytest
-from conftest import run_beadseg, ROOT
+from conftest import logged_epochs, run_beadseg, ROOT
 
 BEADSEG = str(Path(sys.executable).parent/'beadseg')
 TINY = ('--image-size', '64', '--base-filters', '8', '--batch-sizes', '4', '--learning-rate', '1e-3', '--val-split', '0.25',
@@ -149,10 +149,27 @@ def test_a_signal_at_every_phase_is_resumable_and_the_best_model_stays_consisten
     for row in TABLE: print(' | '.join(map(str, row)))
 
 
-def test_search_resumes_a_killed_configuration_and_the_results_agree(run):
-    "Depends on the test above having completed configuration 0; kills configuration 1 outright, resumes the search."
-    code, _ = run_one(run, index=1, marker='Epoch 2/4', sig=signal.SIGKILL)
-    assert code == -signal.SIGKILL
+def wait_for_log_line(path, text, process, timeout=300):
+    end = time.time() + timeout
+    while time.time() < end:
+        if path.is_file() and text in path.read_text(): return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.1)
+    raise TimeoutError(f'{text!r} never appeared in {path}')
+
+
+def test_ctrl_c_stops_the_search_cleanly_and_a_resume_completes_it(run):
+    "Depends on the test above having completed configuration 0. Ctrl-C (SIGINT to the driver's process group, as a terminal sends it)."
+    driver = subprocess.Popen([BEADSEG, 'search', '--resume', str(run), '--no-progress'], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    wait_for_log_line(run/'search.log', '] Epoch 2/4', driver)
+    os.killpg(driver.pid, signal.SIGINT)
+    stdout, stderr = driver.communicate(timeout=300)
+    second = configs(run)[1]
+    assert driver.returncode == 1 and result(second)['status'] == 'interrupted', stdout + stderr
+    kept = committed(second)  # the epoch under way was finished and kept
+    assert kept >= 2 and result(second)['epochs_run'] == kept and logged_epochs(second/'history.csv') == kept
+    assert 'Traceback' not in (run/'search.log').read_text() + stderr and 'KeyboardInterrupt' not in (run/'search.log').read_text()
     done = run_beadseg('search', '--resume', run, '--no-progress', timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     table = pd.read_csv(run/'search_results_final.csv', keep_default_na=False)
