@@ -278,6 +278,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'beadseg.search.read_plan': ('search.html#read_plan', 'beadseg/search.py'),
                                 'beadseg.search.read_result': ('search.html#read_result', 'beadseg/search.py'),
                                 'beadseg.search.record_kernel': ('search.html#record_kernel', 'beadseg/search.py'),
+                                'beadseg.search.request_stop': ('search.html#request_stop', 'beadseg/search.py'),
                                 'beadseg.search.result_row': ('search.html#result_row', 'beadseg/search.py'),
                                 'beadseg.search.results_table': ('search.html#results_table', 'beadseg/search.py'),
                                 'beadseg.search.run_config': ('search.html#run_config', 'beadseg/search.py'),

@@ -252,7 +252,7 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
             log=print, # Where one-line messages go
            ) -> dict:
     "Segment and count the beads of `inputs` into `out`; returns the counts table, the failures and the settings used."
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text: it works in a terminal, a notebook and papermill alike
     if isinstance(model, (str, Path)):
         path, result = find_model(model)
         model = load_model(path)
