@@ -6,7 +6,7 @@
 __all__ = ['THRESHOLDS', 'MIN_SIZE_FRACTIONS', 'DEFAULTS', 'BEAD_COLUMNS', 'COUNT_COLUMNS', 'tile_starts', 'ramp', 'orient',
            'predict_tiled', 'drop_small', 'segment', 'choose_postprocessing', 'find_model', 'prediction_settings',
            'load_model', 'expand_inputs', 'measure', 'summarise_beads', 'atomic', 'overlay', 'write_outputs',
-           'read_for_model', 'predict', 'evaluate_model']
+           'read_for_model', 'check_settings', 'predict', 'evaluate_model']
 
 # %% ../nbs/13_predict.ipynb #p001f4ef
 import glob, json, os, sys
@@ -238,6 +238,15 @@ def read_for_model(path, # Image file
     except ValueError as err: raise data.named(path, err) from None
     return data.normalise(pixels), pixels.mean(-1)
 
+def check_settings(s:dict, # `prediction_settings`
+                   channels:int, # The model's input channels
+                  ):
+    "A one-line `ValueError` when the settings cannot work with this model, before any image is read."
+    if s['tile_size'] < 16 or s['tile_size'] % 16: raise ValueError(f"tile size {s['tile_size']}: must be a positive multiple of 16")
+    if channels not in (None, data.CHANNELS[s['color']]):
+        raise ValueError(f"the model takes {channels} channel(s) but color {s['color']!r} gives {data.CHANNELS[s['color']]}; "
+                         f"use color {'rgb' if channels == 3 else 'gray'}")
+
 def predict(model, # A .keras file, configuration folder or search run folder (or a loaded Keras model)
             inputs:list, # Image files, folders or glob patterns
             out, # Output folder
@@ -260,6 +269,7 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
                            f'tiles of {DEFAULTS["tile_size"]} unless given')
     else: result = {}
     s = prediction_settings(result, threshold=threshold, min_size=min_size, color=color, shrink=shrink, tile_size=tile_size)
+    check_settings(s, model.input_shape[-1])
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     paths, failures = expand_inputs(inputs)
     for problem in failures: log(problem)
@@ -286,7 +296,7 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
     write_csv(out/'beads.csv', pd.concat(beads) if beads else pd.DataFrame(columns=BEAD_COLUMNS))
     return dict(counts=counts, failures=failures, settings=s, out=out)
 
-# %% ../nbs/13_predict.ipynb #p049cbaf
+# %% ../nbs/13_predict.ipynb #p0514d82
 def evaluate_model(model, # A .keras file, configuration folder or search run folder
                    dataset, # A labelled folder: images/, masks/ (and optionally labels/)
                    out=None, # Folder for evaluation.json; default the model's configuration folder
