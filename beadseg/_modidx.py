@@ -202,6 +202,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'beadseg.predict.prediction_settings': ('predict.html#prediction_settings', 'beadseg/predict.py'),
                                  'beadseg.predict.ramp': ('predict.html#ramp', 'beadseg/predict.py'),
                                  'beadseg.predict.read_for_model': ('predict.html#read_for_model', 'beadseg/predict.py'),
+                                 'beadseg.predict.score_top': ('predict.html#score_top', 'beadseg/predict.py'),
                                  'beadseg.predict.segment': ('predict.html#segment', 'beadseg/predict.py'),
                                  'beadseg.predict.summarise_beads': ('predict.html#summarise_beads', 'beadseg/predict.py'),
                                  'beadseg.predict.tile_starts': ('predict.html#tile_starts', 'beadseg/predict.py'),

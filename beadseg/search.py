@@ -6,8 +6,8 @@
 __all__ = ['PARAMETERS', 'SCORED', 'FINISHED', 'RETRYABLE', 'FACTORS', 'TEMPLATE', 'STOP_FILE', 'SCORE', 'COLUMNS',
            'config_from_settings', 'config_id', 'Status', 'tmp_name', 'write_json', 'write_csv', 'read_result',
            'is_finished', 'grid', 'make_plan', 'create_run', 'read_plan', 'config_for', 'unfinished_indices',
-           'check_plan', 'stderr_to', 'config_lock', 'stop_requested', 'process_stat', 'record_kernel', 'our_kernel',
-           'failure_reason', 'after_failure', 'run_config', 'result_row', 'rank_results', 'results_table',
+           'check_plan', 'stderr_to', 'config_lock', 'request_stop', 'stop_requested', 'process_stat', 'record_kernel',
+           'our_kernel', 'failure_reason', 'after_failure', 'run_config', 'result_row', 'rank_results', 'results_table',
            'link_or_copy', 'collect', 'gpu_count', 'die_with_parent', 'search_logger', 'best_so_far', 'indices_to_run',
            'run_search']
 
@@ -22,7 +22,7 @@ from .config import PROJECT_SETTINGS, load_settings, read_settings, write_settin
 # %% ../nbs/04_search.ipynb #ed260284
 PARAMETERS = ('architecture', 'batch_size', 'loss_function', 'dropout', 'learning_rate', 'patience', 'max_epochs',
               'image_size', 'base_filters', 'dataset', 'mask_suffix', 'color', 'shrink', 'val_split', 'seed',
-              'augment', 'out_dir', 'mixed_precision', 'jit_compile')
+              'augment', 'out_dir', 'micro_batch_size', 'mixed_precision', 'jit_compile')
 
 def config_from_settings(settings:dict, # As `load_settings` returns
                          **choices, # architecture=..., batch_size=..., loss_function=..., out_dir=...
@@ -31,7 +31,7 @@ def config_from_settings(settings:dict, # As `load_settings` returns
     d, t, s = settings['data'], settings['train'], settings['search']
     config = dict(architecture=s['architectures'][0], batch_size=s['batch_sizes'][0], loss_function=s['loss_functions'][0],
                   **{k: t[k] for k in ('dropout', 'learning_rate', 'patience', 'max_epochs', 'base_filters',
-                                       'mixed_precision', 'jit_compile')},
+                                       'micro_batch_size', 'mixed_precision', 'jit_compile')},
                   **{k: d[k] for k in ('dataset', 'mask_suffix', 'color', 'shrink', 'image_size', 'val_split', 'seed', 'augment')},
                   out_dir=None)
     config.update(choices)
@@ -189,7 +189,15 @@ def config_lock(out_dir, name='.lock'):
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
-def stop_requested(out_dir) -> bool: return (Path(out_dir)/STOP_FILE).exists()
+def request_stop(out_dir):
+    "Ask the kernel this process started for `out_dir` to stop: a `stop` file naming this process."
+    path = Path(out_dir)/STOP_FILE; tmp = tmp_name(path)
+    tmp.write_text(str(os.getpid())); os.replace(tmp, path)
+
+def stop_requested(out_dir) -> bool:
+    "In the kernel: whether the process that started it asked it to stop (a leftover `stop` file of another run is ignored)."
+    try: return int((Path(out_dir)/STOP_FILE).read_text()) == os.getppid()
+    except (OSError, ValueError): return False
 
 def process_stat(pid:int) -> tuple[int, str]|None:
     "The parent pid and start time (clock ticks since boot) of process `pid`, from /proc; None if it is gone."
@@ -247,7 +255,7 @@ def run_config(config:dict, # The configuration; its `out_dir` is where everythi
     def stop(signum, frame):
         if not stopped: print(f'beadseg: signal {signum}: stopping {out_dir.name} after its current epoch', flush=True)
         stopped.append(signum)
-        (out_dir/STOP_FILE).touch()  # read by the kernel when it starts training and after every epoch
+        request_stop(out_dir)  # read by the kernel when it starts training and after every epoch
         if (pid := our_kernel(out_dir)) and not is_finished(out_dir):
             with contextlib.suppress(OSError): os.kill(pid, signal.SIGTERM)
     with config_lock(out_dir):
@@ -275,6 +283,7 @@ def run_config(config:dict, # The configuration; its `out_dir` is where everythi
         finally:
             for s, handler in previous.items(): signal.signal(s, handler)
             if log is not None: notebook_log.removeHandler(log)
+            (out_dir/STOP_FILE).unlink(missing_ok=True)  # or a rerun by hand (train.ipynb) would stop at once
     return read_result(out_dir) or dict(config=config, status=Status.FAILED, error='the notebook wrote no result.json')
 
 # %% ../nbs/04_search.ipynb #9f992269

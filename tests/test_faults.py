@@ -80,6 +80,7 @@ def committed(out):
 def record(phase, sig, out, code, before_epochs, expect_status, expect_code):
     "Check and tabulate one fault: its status, exit status and how many committed epochs it lost."
     r, now = result(out), committed(out)
+    assert not (out/'stop').exists()  # a stop request ends with its run: a rerun by hand must not stop at once
     TABLE.append((phase, sig, r['status'], code, now, max(before_epochs - now, 0)))
     assert (r['status'], code) == (expect_status, expect_code), (phase, sig, r.get('error'))
     return now
