@@ -348,6 +348,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'beadseg.train.peak_memory_mb': ('train.html#peak_memory_mb', 'beadseg/train.py'),
                                'beadseg.train.phase': ('train.html#phase', 'beadseg/train.py'),
                                'beadseg.train.plot_history': ('train.html#plot_history', 'beadseg/train.py'),
+                               'beadseg.train.point_files': ('train.html#point_files', 'beadseg/train.py'),
                                'beadseg.train.predict_images': ('train.html#predict_images', 'beadseg/train.py'),
                                'beadseg.train.prepare_data': ('train.html#prepare_data', 'beadseg/train.py'),
                                'beadseg.train.publish_best': ('train.html#publish_best', 'beadseg/train.py'),

@@ -16,7 +16,7 @@ from . import data
 from .losses import LOSSES
 from .models import build_model
 from .search import config_from_settings, stderr_to, write_csv
-from .train import build_or_resume, check_config, device_name, peak_memory_mb, resolve_switch, seed_everything
+from .train import build_or_resume, check_config, device_name, dtype_policy, peak_memory_mb, resolve_switch, seed_everything
 
 # %% ../nbs/08_bench.ipynb #a5a8a38f
 def conv_flops(model:keras.Model, # A model built with a fixed input size
@@ -118,7 +118,7 @@ def kernel_start_seconds(imports:str='from beadseg.train import PARAMETERS, trai
         return time.perf_counter() - started
 
 # %% ../nbs/08_bench.ipynb #b5dd7b2e
-PRECISIONS = {'float32': 'off', 'mixed': 'on', 'auto': 'auto'}  # -> the settings' mixed_precision
+PRECISIONS = {'float32': 'off', 'mixed': 'on', 'bfloat16': 'bfloat16', 'auto': 'auto'}  # -> the settings' mixed_precision
 COLUMNS = ['device', 'architecture', 'image_size', 'base_filters', 'batch_size', 'precision', 'xla', 'loss_function',
            'augment', 'steps', 'params', 'step_s', 'images_per_s', 'ref_step_s', 'ref_images_per_s', 'ratio',
            'pipeline_images_per_s', 'pipeline_margin', 'gflops_per_image', 'train_gflops_per_image', 'achieved_tflops',
@@ -165,7 +165,7 @@ def run_bench(settings:dict, # As `load_settings` returns
         for i, config in enumerate(configs, 1):
             row = dict(device=device, **{k: config[k] for k in ('architecture', 'image_size', 'base_filters', 'batch_size',
                                                                   'loss_function', 'augment')},
-                       precision='mixed' if resolve_switch(config['mixed_precision']) else 'float32',
+                       precision={'mixed_float16': 'mixed', 'mixed_bfloat16': 'bfloat16'}.get(p := dtype_policy(config['mixed_precision']), p),
                        xla='on' if resolve_switch(config['jit_compile']) else 'off', steps=steps, dataset=described,
                        kernel_start_s=kernel_s, validation_s=validation_s, error=None)
             print(f"[{i}/{len(configs)}] {row['architecture']} {image_size}x{image_size} batch {row['batch_size']} "
@@ -201,17 +201,20 @@ def loss_precision_table(size:int=512, # Image side
                          foreground:float=0.12, # Fraction of foreground pixels
                          seed:int=0,
                          rtol:float=1e-5, # Allowed relative difference: float32 rounding of sums over millions of pixels
+                         bf16_rtol:float=2e-2, # Allowed relative difference of predictions rounded to bfloat16 (8-bit mantissa)
                         ) -> pd.DataFrame:
-    "Every loss on float16 predictions and on the same predictions in float32; `ok` where they agree within `rtol`."
+    "Every loss on float16 and bfloat16 predictions and on the same predictions in float32; `ok` where finite and within tolerance."
     rng = np.random.default_rng(seed)
     y = (rng.random((batch, size, size, 1)) < foreground).astype(np.float32)
     p32 = (1 / (1 + np.exp(-(rng.normal(size=y.shape) + 2 * (2 * y - 1))))).astype(np.float32)
-    p16 = tf.constant(p32, tf.float16)
+    p16, pb16 = tf.constant(p32, tf.float16), tf.constant(p32, tf.bfloat16)
     rows = []
     for name, loss in LOSSES.items():
-        half, same = float(loss(y, p16)), float(loss(y, tf.cast(p16, tf.float32)))
+        half, same, exact, brain = float(loss(y, p16)), float(loss(y, tf.cast(p16, tf.float32))), float(loss(y, p32)), float(loss(y, pb16))
         rows.append(dict(loss=name, float32=same, float16_input=half, difference=abs(half - same),
-                         ok=abs(half - same) <= rtol * abs(same), rounding_effect=abs(same - float(loss(y, p32)))))
+                         rounding_effect=abs(same - exact), bfloat16_input=brain, bfloat16_vs_float32=abs(brain - exact),
+                         ok=bool(np.isfinite([half, brain]).all() and abs(half - same) <= rtol * abs(same)
+                                 and abs(brain - exact) <= bf16_rtol * abs(exact))))
     return pd.DataFrame(rows)
 
 # %% ../nbs/08_bench.ipynb #9bbf88db

@@ -323,11 +323,17 @@ def add_evaluate_arguments(parser):
     add_model_argument(parser)
     parser.add_argument('dataset', metavar='DATASET', help='a labelled test set: images/, masks/ and optionally labels/')
     parser.add_argument('--out', help="folder for evaluation.json and evaluation_per_image.csv (default: the model's configuration folder)")
+    parser.add_argument('--top', type=int, help='with a search run folder: score its TOP best configurations into RUN_DIR/test_results.csv')
 
 @command('evaluate', 'score a model on a held-out labelled test set', add_evaluate_arguments)
 def evaluate_command(args):
     "Evaluate the model on DATASET and print its scores."
-    from beadseg.predict import evaluate_model
+    from beadseg.predict import evaluate_model, score_top
+    if args.top:
+        table = score_top(args.model, args.dataset, args.top)
+        print(table[['config_id', 'best_val_jacard', 'test_jaccard', 'test_object_f1', 'test_count_mae']].to_string(index=False))
+        print(f'beadseg evaluate: test scores of {len(table)} configurations in {Path(args.model)/"test_results.csv"}')
+        return
     e = evaluate_model(args.model, args.dataset, args.out, **given(args, 'color', 'shrink', 'mask_suffix'))
     ci = lambda k: f" [{e[k + '_ci'][0]:.3f}, {e[k + '_ci'][1]:.3f}]" if k + '_ci' in e else ''
     print(f"beadseg evaluate: {e['n_images']} images: Jaccard {e['jaccard']:.4f}{ci('jaccard')}, Dice {e['dice']:.4f}{ci('dice')}, "

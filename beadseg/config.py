@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'LOSS_NAMES', 'integer', 'positive_int', 'non_negative_int', 'seed_int', 'positive_float',
-           'open_fraction', 'dropout_rate', 'TRUE_WORDS', 'FALSE_WORDS', 'AUTO_ON_OFF', 'walltime', 'slurm_time',
-           'SCHEMA', 'KEY_SECTION', 'OPTIONAL', 'PROJECT_SETTINGS', 'number', 'text', 'boolean', 'one_of', 'list_of',
-           'matching', 'SettingsError', 'find_settings', 'parse_value', 'read_settings', 'as_text', 'flag',
+           'open_fraction', 'dropout_rate', 'TRUE_WORDS', 'FALSE_WORDS', 'AUTO_ON_OFF', 'PRECISION', 'walltime',
+           'slurm_time', 'SCHEMA', 'KEY_SECTION', 'OPTIONAL', 'PROJECT_SETTINGS', 'number', 'text', 'boolean', 'one_of',
+           'list_of', 'matching', 'SettingsError', 'find_settings', 'parse_value', 'read_settings', 'as_text', 'flag',
            'load_settings', 'add_settings_args', 'settings_from_args', 'format_settings', 'write_settings']
 
 # %% ../nbs/10_config.ipynb #94b81d41
@@ -84,14 +84,15 @@ def matching(pattern:str, expected:str):
 
 # %% ../nbs/10_config.ipynb #da61a429
 AUTO_ON_OFF = ('auto', 'on', 'off')
+PRECISION = (*AUTO_ON_OFF, 'bfloat16')  # on: float16 with loss scaling; bfloat16: no loss scaling needed
 walltime = matching(r'\d+:[0-5]\d:[0-5]\d', 'a walltime HH:MM:SS')
 slurm_time = matching(r'(\d+-)?\d+:[0-5]\d:[0-5]\d', 'a time limit [D-]HH:MM:SS')
 SCHEMA = {
     'data': dict(dataset=text, mask_suffix=text, color=one_of(('gray', 'rgb')), shrink=non_negative_int,
                  image_size=positive_int, val_split=open_fraction, seed=seed_int, augment=boolean),
     'train': dict(learning_rate=positive_float, patience=non_negative_int, max_epochs=positive_int,
-                  dropout=dropout_rate, base_filters=positive_int,
-                  mixed_precision=one_of(AUTO_ON_OFF), jit_compile=one_of(AUTO_ON_OFF)),
+                  dropout=dropout_rate, base_filters=positive_int, micro_batch_size=non_negative_int,
+                  mixed_precision=one_of(PRECISION), jit_compile=one_of(AUTO_ON_OFF)),
     'search': dict(search_type=one_of(('random', 'grid')), architectures=list_of(one_of(ARCHITECTURES)),
                    batch_sizes=list_of(positive_int), loss_functions=list_of(one_of(LOSS_NAMES)),
                    n_random=positive_int, workers=positive_int, timeout=non_negative_int, retries=non_negative_int),
@@ -102,7 +103,7 @@ SCHEMA = {
                   gres=text, slurm_mem=matching(r'(?i)\d+[kmgt]?', 'a size such as 240G')),
 }
 KEY_SECTION = {key: section for section, keys in SCHEMA.items() for key in keys}
-OPTIONAL = dict(retries='2')  # keys added after runs were made: an older run's settings.ini gets these defaults
+OPTIONAL = dict(retries='2', micro_batch_size='0')  # keys added after runs were made: an older run's settings.ini gets these defaults
 
 # %% ../nbs/10_config.ipynb #562f0972
 class SettingsError(ValueError):

@@ -6,7 +6,7 @@
 __all__ = ['THRESHOLDS', 'MIN_SIZE_FRACTIONS', 'DEFAULTS', 'BEAD_COLUMNS', 'COUNT_COLUMNS', 'tile_starts', 'ramp', 'orient',
            'predict_tiled', 'drop_small', 'segment', 'choose_postprocessing', 'find_model', 'prediction_settings',
            'load_model', 'expand_inputs', 'measure', 'summarise_beads', 'atomic', 'overlay', 'write_outputs',
-           'read_for_model', 'check_settings', 'predict', 'evaluate_model']
+           'read_for_model', 'check_settings', 'predict', 'evaluate_model', 'score_top']
 
 # %% ../nbs/13_predict.ipynb #p001f4ef
 import glob, json, os, sys
@@ -317,3 +317,27 @@ def evaluate_model(model, # A .keras file, configuration folder or search run fo
     write_json(out/'evaluation.json', evaluation)
     write_csv(out/'evaluation_per_image.csv', pd.DataFrame(evaluation['per_image']))
     return dict(evaluation, written_to=str(out/'evaluation.json'))
+
+# %% ../nbs/13_predict.ipynb #p0537b79
+def score_top(run_dir, # A search run folder, collected
+              dataset, # A labelled test set: images/, masks/ (and optionally labels/)
+              top:int=3, # How many of the best-ranked scored configurations
+             ) -> pd.DataFrame:
+    "Test-set scores of the `top` configurations of a search run, also written to RUN_DIR/test_results.csv."
+    from beadseg.search import FACTORS, SCORE, SCORED
+    run_dir = Path(run_dir)
+    ranked = run_dir/'search_results_final.csv'
+    if not ranked.is_file(): raise ValueError(f'{ranked}: not there; run `beadseg collect {run_dir}` first')
+    table = pd.read_csv(ranked, keep_default_na=False)
+    table = table[table.status.isin(SCORED) & (pd.to_numeric(table[SCORE], errors='coerce') >= 0)].head(top)
+    rows = []
+    for _, row in table.iterrows():
+        e = evaluate_model(run_dir/'configs'/row.config_id, dataset)
+        ci = lambda k, i: (e.get(f'{k}_ci') or [None, None])[i]
+        rows.append(dict(config_id=row.config_id, **{k: row[k] for k in FACTORS}, best_val_jacard=float(row[SCORE]),
+                         test_jaccard=e['jaccard'], test_jaccard_ci_low=ci('jaccard', 0), test_jaccard_ci_high=ci('jaccard', 1),
+                         test_dice=e['dice'], test_object_f1=e['object_f1'], test_object_f1_ci_low=ci('object_f1', 0),
+                         test_object_f1_ci_high=ci('object_f1', 1), test_count_mae=e['count_mae'], n_test_images=e['n_images']))
+    result = pd.DataFrame(rows)
+    write_csv(run_dir/'test_results.csv', result)
+    return result

@@ -164,7 +164,7 @@ def overview(run:Run) -> pd.Series:
 
 # %% ../nbs/06_report.ipynb #41089d27
 RANKED = ['rank', 'config_id', 'architecture', 'batch_size', 'loss_function', SCORE, 'val_jaccard', 'val_jaccard_ci_low',
-          'val_jaccard_ci_high', 'val_dice', 'object_f1', 'count_mae', 'best_epoch', 'train_seconds']
+          'val_jaccard_ci_high', 'val_dice', 'object_f1', 'count_mae', 'best_epoch', 'micro_batch_size', 'train_seconds']
 
 def ranked_table(results:pd.DataFrame, n:int=10) -> pd.DataFrame:
     "The `n` best configurations with their scores (whole-image Jaccard with its 95 % interval), best epoch and training time."

@@ -289,7 +289,7 @@ def run_config(config:dict, # The configuration; its `out_dir` is where everythi
 # %% ../nbs/04_search.ipynb #9f992269
 SCORE = 'best_val_jacard'  # the seed's spelling, kept so its analysis snippet runs unchanged
 COLUMNS = ['rank', 'config_id', *FACTORS, 'status', SCORE, 'val_jaccard_ci_low', 'val_jaccard_ci_high', 'val_jaccard',
-           'val_dice', 'best_epoch', 'epochs_run', 'train_seconds', 'seconds_per_epoch', 'images_per_second', 'params',
+           'val_dice', 'best_epoch', 'epochs_run', 'train_seconds', 'seconds_per_epoch', 'images_per_second', 'params', 'micro_batch_size',
            'baseline_jaccard', 'object_precision', 'object_recall', 'object_f1', 'object_f1_ci_low', 'object_f1_ci_high',
            'count_mae', 'n_val_images', 'device', 'error']
 

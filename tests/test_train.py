@@ -1,6 +1,7 @@
 "Training one configuration: the papermill run, resumption after kills, failure statuses, early stopping, learning."
 import json, os, signal, subprocess, sys, time
 import pandas as pd, pytest
+import keras, tensorflow as tf  # the micro-batch tests train in this process
 from conftest import logged_epochs, run_beadseg, ROOT
 
 TINY = ('--image-size', '64', '--base-filters', '8', '--batch-size', '4', '--learning-rate', '1e-3', '--val-split', '0.25')
@@ -162,3 +163,56 @@ def test_template_parameters_are_the_settings_defaults():
     for name, value in defaults.items():
         if name in ('dataset', 'out_dir'): continue
         assert eval(parameters[name]['default']) == value, name
+
+
+def micro_config(beads, out, **overrides):
+    "A tiny configuration whose epoch holds 144 crops of 32 x 32 (9 training images of 128 x 128, 16 crops each)."
+    from beadseg.config import load_settings
+    from beadseg.search import config_from_settings
+    return config_from_settings(load_settings(None, dict(image_size=32, base_filters=4, max_epochs=1, learning_rate=1e-3,
+                                                         val_split=0.25)),
+                                dataset=str(beads), batch_size=32, loss_function='focal', out_dir=str(out), **overrides)
+
+
+class Passes(keras.callbacks.Callback):
+    "Counts training passes and records the optimizer's accumulation; with `oom_at`, runs out of memory while whole batches of that many pass."
+    def __init__(self, oom_at=None): super().__init__(); self.oom_at = oom_at
+    def on_train_begin(self, logs=None): self.passes = 0
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.oom_at and (self.model.optimizer.gradient_accumulation_steps or 1) == 1:
+            raise tf.errors.ResourceExhaustedError(None, None, f'OOM when allocating a batch of {self.oom_at}')
+    def on_train_batch_end(self, batch, logs=None): self.passes += 1
+    def on_train_end(self, logs=None): self.steps = self.model.optimizer.gradient_accumulation_steps
+
+
+@pytest.fixture(scope='module')
+def beads12(tmp_path_factory):
+    from beadseg.synthetic import synthesize
+    return synthesize(tmp_path_factory.mktemp('data')/'beads12', n_images=12, size=128, seed=3)
+
+
+def test_forced_micro_batches_train_an_effective_batch_of_32(beads12, tmp_path):
+    from beadseg.train import train
+    passes = Passes()
+    result = train(micro_config(beads12, tmp_path/'run', micro_batch_size=8), callbacks=[passes], verbose=0)
+    assert result['status'] == 'completed' and result['micro_batch_size'] == 8 and result['config']['batch_size'] == 32
+    assert passes.steps == 4 and passes.passes == 144 // 8  # 18 passes of 8 images: 4 per update of a batch of 32
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_batch(beads12, tmp_path, capsys):
+    from beadseg.train import train
+    passes = Passes(oom_at=32)
+    result = train(micro_config(beads12, tmp_path/'run'), callbacks=[passes], verbose=0)
+    assert result['status'] == 'completed' and result['micro_batch_size'] == 16 and passes.steps == 2
+    assert ('out of accelerator memory with micro-batches of 32: retrying with 16, accumulating gradients over 2 of them '
+            'per batch of 32') in capsys.readouterr().out
+
+
+def test_bfloat16_trains_with_finite_losses(beads12, tmp_path):
+    from beadseg.train import train, history_frame
+    result = train(micro_config(beads12, tmp_path/'run', mixed_precision='bfloat16', max_epochs=2), verbose=0)
+    history = history_frame(tmp_path/'run')
+    assert result['status'] == 'completed' and len(history) == 2
+    assert history[['loss', 'val_loss']].notna().all().all() and (history.loss < 10).all()
+    assert result['evaluation']['jaccard'] >= 0
+    keras.mixed_precision.set_dtype_policy('float32')  # the policy is global: leave it as the other tests expect
