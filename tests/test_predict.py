@@ -65,17 +65,19 @@ def test_labels_come_back_at_the_original_size(trained, tmp_path):
 def test_tiled_and_whole_image_predictions_agree(trained, model):
     """A 512 x 512 validation image predicted whole and in tiles of 64 (the training crop; 16 px overlap), 128 and 256.
     A tile smaller than the network's receptive field (about 180 px at depth 4) sees less context than the whole image,
-    so probabilities differ, most in the blended seam bands: the largest difference measured in three training runs was
-    0.35-0.56 (tiles of 64), 0.17-0.32 (128) and 0.08-0.11 (256).
+    so probabilities differ, most in the blended seam bands: the largest difference measured over five trained models was
+    0.35-0.60 (tiles of 64), 0.17-0.32 (128) and 0.08-0.11 (256); mean differences 0.003-0.006, 0.001-0.002, <0.001.
     The thresholded masks differ only in the seam bands (where tiles overlap, +-3 px), the 3 px along the image border,
-    or elsewhere on a bead's one-pixel edge; the beads found are the same."""
-    from skimage.segmentation import find_boundaries
+    or elsewhere within 2 px of a bead's outline, where the whole-image probability is itself near 0.5; the beads found
+    are the same."""
+    from scipy import ndimage as ndi
     from beadseg import data
     from beadseg.metrics import match_objects
     from beadseg.predict import predict_tiled, segment, tile_starts
     image = data.read_image(val_images(trained)[0])
     whole = predict_tiled(model, image, 512)
-    edges = find_boundaries(whole >= 0.5, mode='thick')  # the pixels on either side of a bead's outline
+    inside = whole >= 0.5
+    edges = np.where(inside, ndi.distance_transform_edt(inside), ndi.distance_transform_edt(~inside)) <= 2  # near an outline
     report = {}
     for tile in (64, 128, 256):
         tiled = predict_tiled(model, image, tile)
@@ -89,7 +91,7 @@ def test_tiled_and_whole_image_predictions_agree(trained, model):
         report[tile] = dict(max_diff=round(float(diff.max()), 3), mean_diff=round(float(diff.mean()), 4), changed=int(changed.sum()),
                             outside_seams=int((changed & ~seams).sum()), beads=(m['n_true'], m['n_pred'], m['tp']))
         assert not (changed & ~seams & ~edges).any(), report
-        assert changed.mean() < 0.005 and diff[~seams].max() < diff.max() + 1e-6, report
+        assert changed.mean() < 0.005, report
         assert m['tp'] >= 0.98 * m['n_true'] and abs(m['n_true'] - m['n_pred']) <= 2, report
     print(report)
     assert report[256]['max_diff'] < report[64]['max_diff'] and report[256]['changed'] < report[64]['changed']
@@ -238,3 +240,28 @@ def test_the_notebook_shows_counts_and_overlays(trained, tmp_path):
     tables = [o['data']['text/html'] for o in outputs if 'text/html' in o.get('data', {})]
     assert any('bead_count' in ''.join(t) and val_images(trained)[0].stem in ''.join(t) for t in tables)
     assert (tmp_path/'out'/'counts.csv').is_file() and len(pd.read_csv(tmp_path/'out'/'counts.csv')) == len(images)
+
+
+def test_evaluate_top_configurations_of_a_run(trained, tmp_path):
+    "`--top 2` on a run folder: the two best scored configurations (a failed one is passed over) get test scores."
+    from beadseg.search import COLUMNS
+    run, beads, result = trained
+    for name in ('aaa', 'bbb', 'ccc'): shutil.copytree(run, tmp_path/'run'/'configs'/name)
+    ranked = pd.DataFrame([dict(rank=1, config_id='ccc', status='failed', best_val_jacard=''),
+                           dict(rank=2, config_id='bbb', status='completed', best_val_jacard=0.9),
+                           dict(rank=3, config_id='aaa', status='early_stopped', best_val_jacard=0.8)]).reindex(columns=COLUMNS)
+    ranked.to_csv(tmp_path/'run'/'search_results_final.csv', index=False)
+    test = tmp_path/'test'
+    for sub in ('images', 'masks'):
+        (test/sub).mkdir(parents=True)
+        shutil.copy(beads/sub/val_images(trained)[0].name, test/sub)
+    assert in_process('evaluate', tmp_path/'run', test, '--top', '2') == (0, [])
+    table = pd.read_csv(tmp_path/'run'/'test_results.csv')
+    assert list(table.config_id) == ['bbb', 'aaa'] and list(table.best_val_jacard) == [0.9, 0.8]
+    single = json.loads((tmp_path/'run'/'configs'/'bbb'/'evaluation.json').read_text())
+    assert table.test_jaccard[0] == pytest.approx(single['jaccard']) and table.n_test_images[0] == 1
+    assert table.test_jaccard_ci_low[0] <= table.test_jaccard[0] <= table.test_jaccard_ci_high[0]
+    (tmp_path/'run'/'search_results_final.csv').unlink()
+    status, lines = in_process('evaluate', tmp_path/'run', test, '--top', '2')
+    assert status == 2 and lines == [f"beadseg evaluate: error: {tmp_path/'run'/'search_results_final.csv'}: not there; "
+                                     f"run `beadseg collect {tmp_path/'run'}` first"]
