@@ -59,9 +59,10 @@ def predict_tiled(model, # A Keras segmentation model, sides divisible by 16
                   batch_size:int=None, # Tiles per model call; default as many as hold 2^20 pixels (4 tiles of 512)
                  ) -> np.ndarray:
     "float32 (H, W) foreground probabilities of `model` for `image`, predicted in blended overlapping tiles."
-    if tile_size % 16: raise ValueError(f'tile size {tile_size} must be a multiple of 16')
-    h, w = image.shape[:2]
     overlap = tile_size // 4 if overlap is None else overlap
+    if tile_size < 16 or tile_size % 16 or not 0 <= overlap <= tile_size // 2:
+        raise ValueError(f'tile size {tile_size}, overlap {overlap}: the tile size must be a positive multiple of 16, the overlap at most half of it')
+    h, w = image.shape[:2]
     th, tw = (min(tile_size, -(-n // 16) * 16) for n in (h, w))
     image = np.pad(image, ((0, max(th - h, 0)), (0, max(tw - w, 0)), (0, 0)), mode='reflect')
     H, W = image.shape[:2]
@@ -240,9 +241,12 @@ def read_for_model(path, # Image file
 
 def check_settings(s:dict, # `prediction_settings`
                    channels:int, # The model's input channels
+                   overlap:int=None, # Pixels tiles share (None: a quarter tile)
                   ):
     "A one-line `ValueError` when the settings cannot work with this model, before any image is read."
     if s['tile_size'] < 16 or s['tile_size'] % 16: raise ValueError(f"tile size {s['tile_size']}: must be a positive multiple of 16")
+    if overlap is not None and not 0 <= overlap <= s['tile_size'] // 2:
+        raise ValueError(f"overlap {overlap}: must be between 0 and half the tile size ({s['tile_size'] // 2})")
     if channels not in (None, data.CHANNELS[s['color']]):
         raise ValueError(f"the model takes {channels} channel(s) but color {s['color']!r} gives {data.CHANNELS[s['color']]}; "
                          f"use color {'rgb' if channels == 3 else 'gray'}")
@@ -269,7 +273,7 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
                            f'tiles of {DEFAULTS["tile_size"]} unless given')
     else: result = {}
     s = prediction_settings(result, threshold=threshold, min_size=min_size, color=color, shrink=shrink, tile_size=tile_size)
-    check_settings(s, model.input_shape[-1])
+    check_settings(s, model.input_shape[-1], overlap)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     paths, failures = expand_inputs(inputs)
     for problem in failures: log(problem)
