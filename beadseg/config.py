@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'LOSS_NAMES', 'integer', 'positive_int', 'non_negative_int', 'seed_int', 'positive_float',
            'open_fraction', 'dropout_rate', 'TRUE_WORDS', 'FALSE_WORDS', 'AUTO_ON_OFF', 'PRECISION', 'walltime',
-           'slurm_time', 'SCHEMA', 'KEY_SECTION', 'OPTIONAL', 'PROJECT_SETTINGS', 'number', 'text', 'boolean', 'one_of',
-           'list_of', 'matching', 'SettingsError', 'find_settings', 'parse_value', 'read_settings', 'as_text', 'flag',
-           'load_settings', 'add_settings_args', 'settings_from_args', 'format_settings', 'write_settings']
+           'slurm_time', 'SCHEMA', 'KEY_SECTION', 'OPTIONAL', 'TEMPLATES', 'PROJECT_SETTINGS', 'number', 'text',
+           'boolean', 'one_of', 'list_of', 'matching', 'SettingsError', 'find_settings', 'parse_value', 'read_settings',
+           'as_text', 'flag', 'load_settings', 'add_settings_args', 'settings_from_args', 'format_settings',
+           'write_settings']
 
 # %% ../nbs/10_config.ipynb #94b81d41
-import argparse, configparser, math, os, re
+import argparse, configparser, importlib.resources, math, os, re
 from pathlib import Path
 import beadseg
 
@@ -109,9 +110,10 @@ OPTIONAL = dict(retries='2', micro_batch_size='0')  # keys added after runs were
 class SettingsError(ValueError):
     "A settings file or override that beadseg cannot use; its message is one line naming the file or flag and key."
 
-PROJECT_SETTINGS = Path(beadseg.__file__).resolve().parent.parent/'settings.ini'
+TEMPLATES = Path(str(importlib.resources.files('beadseg')/'templates'))  # shipped in the package: a wheel or container has them
+PROJECT_SETTINGS = TEMPLATES/'settings.ini'  # the defaults; in a checkout, a link to the top-level settings.ini
 
-def find_settings(path=None, # An explicit settings file; else $BEADSEG_SETTINGS, ./settings.ini, the project's
+def find_settings(path=None, # An explicit settings file; else $BEADSEG_SETTINGS, ./settings.ini, the defaults shipped with beadseg
                  ) -> Path:
     "The settings file to read."
     explicit = path or os.environ.get('BEADSEG_SETTINGS')

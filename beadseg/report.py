@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt, seaborn as sns
 import beadseg
 
 # %% ../nbs/06_report.ipynb #0ba1b4a9
+from .config import TEMPLATES
 from .search import SCORE, FACTORS, COLUMNS, result_row, rank_results, results_table, stderr_to
 SCORED = ('completed', 'early_stopped', 'nan')  # statuses that come with a validation score
 
@@ -488,7 +489,7 @@ def per_image_table(result:dict) -> pd.DataFrame:
     return rows.assign(count_error=rows['predicted_count'] - rows['true_count']).set_index('image')
 
 # %% ../nbs/06_report.ipynb #415ac456
-TEMPLATE_NOTEBOOK = Path(beadseg.__file__).resolve().parent.parent/'nbs'/'report.ipynb'
+TEMPLATE_NOTEBOOK = TEMPLATES/'report.ipynb'  # nbs/report.ipynb, shipped in the package
 OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 {%- block html_head_js -%}{%- endblock html_head_js -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
@@ -523,7 +524,7 @@ def render_report(run_dir, # A search run folder
     import papermill as pm
     run = load_run(run_dir)
     template = Path(template or TEMPLATE_NOTEBOOK)
-    if not template.exists(): raise ValueError(f'{template}: report notebook not found (run beadseg from a checkout of the repository)')
+    if not template.exists(): raise ValueError(f'{template}: report notebook not found (the beadseg installation is incomplete: reinstall it)')
     executed = run.path/'report.ipynb'
     print(f'executing {template.name} for {run.path} ...', flush=True)
     with stderr_to(run.path/'kernel.log'):  # the kernel's own messages stay out of the terminal

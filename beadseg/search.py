@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 import pandas as pd
 import beadseg
-from .config import PROJECT_SETTINGS, load_settings, read_settings, write_settings
+from .config import PROJECT_SETTINGS, TEMPLATES, load_settings, read_settings, write_settings
 
 # %% ../nbs/04_search.ipynb #ed260284
 PARAMETERS = ('architecture', 'batch_size', 'loss_function', 'dropout', 'learning_rate', 'patience', 'max_epochs',
@@ -166,7 +166,7 @@ def check_plan(plan:pd.DataFrame, # From `make_plan`
                          f"{crops_per_image(summary, d['image_size'])} crops each); use smaller batch sizes or more images")
 
 # %% ../nbs/04_search.ipynb #b195fa80
-TEMPLATE = PROJECT_SETTINGS.parent/'nbs'/'train.ipynb'
+TEMPLATE = TEMPLATES/'train.ipynb'  # nbs/train.ipynb, shipped in the package
 STOP_FILE = 'stop'  # written in a configuration's folder by `run_config` when it is asked to stop
 
 @contextlib.contextmanager

@@ -1,0 +1,44 @@
+"Installed from a wheel, with no source tree: the templates and default settings ship inside the package."
+import os, subprocess, sys, sysconfig, zipfile
+from pathlib import Path
+from conftest import ROOT
+
+SHIPPED = {'templates/train.ipynb': 'nbs/train.ipynb', 'templates/report.ipynb': 'nbs/report.ipynb',
+           'templates/predict.ipynb': 'nbs/predict.ipynb', 'templates/settings.ini': 'settings.ini'}
+
+
+def test_shipped_templates_are_the_sources():
+    "In a checkout the package's templates are links to nbs/ and settings.ini: one source of truth."
+    for shipped, source in SHIPPED.items():
+        assert (ROOT/'beadseg'/shipped).resolve() == (ROOT/source).resolve(), shipped
+
+
+def test_wheel_runs_the_quick_demo_from_another_directory(tmp_path):
+    built = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '-q', '--no-deps', '-w', tmp_path/'dist', ROOT],
+                           capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-2000:]
+    wheel, = (tmp_path/'dist').glob('beadseg-*.whl')
+    with zipfile.ZipFile(wheel) as z:  # the wheel holds copies identical to the sources
+        for shipped, source in SHIPPED.items(): assert z.read(f'beadseg/{shipped}') == (ROOT/source).read_bytes(), shipped
+    venv = tmp_path/'venv'
+    subprocess.run([sys.executable, '-m', 'venv', '--without-pip', venv], check=True)
+    # the dependencies come from this environment; beadseg itself only from the wheel
+    site, = venv.glob('lib/python*/site-packages')
+    (site/'dependencies.pth').write_text(sysconfig.get_paths()['purelib'] + '\n')
+    installed = subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target', site, wheel],
+                               capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    (venv/'bin'/'beadseg').write_text(f'#!{venv}/bin/python\nfrom beadseg.cli import main\nimport sys\nsys.exit(main())\n')
+    (venv/'bin'/'beadseg').chmod(0o755)
+    work = tmp_path/'elsewhere'; work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'BEADSEG_SETTINGS')}
+    env['JUPYTER_PATH'] = str(Path(sys.prefix)/'share'/'jupyter')  # nbconvert's templates, data files of the dependencies
+    where = subprocess.run([venv/'bin'/'python', '-c', 'import beadseg; print(beadseg.__file__)'], cwd=work, env=env,
+                           capture_output=True, text=True)
+    assert where.stdout.startswith(str(site)), where.stdout + where.stderr
+    demo = subprocess.run([venv/'bin'/'beadseg', 'demo', '--quick'], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert 'beadseg demo: done' in demo.stdout
+    run, = (work/'runs').glob('hyperparam_comprehensive_*')
+    assert (run/'search_results_final.csv').is_file() and (run/'best_hyperparameters.json').is_file()
+    assert len(list((work/'reports').glob('*.html'))) == 1
