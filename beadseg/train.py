@@ -317,13 +317,14 @@ def seed_everything(seed:int):
 def load_resume_point(out_dir:Path):
     "The newest readable resume point: (model, epoch, folder); an unreadable one is set aside with a message. (None, 0, None) if none."
     for epoch, folder in resume_points(out_dir):
-        try: return keras.models.load_model(point_files(out_dir, folder)[0]), epoch, folder
-        except Exception as err:
+        path = point_files(out_dir, folder)[0]
+        try: return keras.models.load_model(path), epoch, folder
+        except Exception:  # Keras says "File not found" for a truncated file: say what it is instead
+            what = f'truncated or corrupt ({path.stat().st_size} bytes)' if path.is_file() else 'missing'
             aside = folder.with_name(f'corrupt_{folder.name}_{int(time.time())}')
             folder.rename(aside)
-            reason = (str(err).strip().splitlines() or [''])[0][:200]
-            print(f'warning: {point_files(out_dir, folder)[0]} is unreadable ({type(err).__name__}: {reason}); moved to {aside.name}, '
-                  f'resuming from the resume point before it', flush=True)
+            print(f'warning: {path} is unreadable: {what}; set aside as {aside.name}; resuming from the resume point before it',
+                  flush=True)
     return None, 0, None
 
 def build_or_resume(config:dict, out_dir:Path, channels:int, micro_batch:int=0):
