@@ -286,6 +286,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'beadseg.search.run_config': ('search.html#run_config', 'beadseg/search.py'),
                                 'beadseg.search.run_search': ('search.html#run_search', 'beadseg/search.py'),
                                 'beadseg.search.search_logger': ('search.html#search_logger', 'beadseg/search.py'),
+                                'beadseg.search.share_split': ('search.html#share_split', 'beadseg/search.py'),
+                                'beadseg.search.split_once': ('search.html#split_once', 'beadseg/search.py'),
                                 'beadseg.search.stderr_to': ('search.html#stderr_to', 'beadseg/search.py'),
                                 'beadseg.search.stop_requested': ('search.html#stop_requested', 'beadseg/search.py'),
                                 'beadseg.search.tmp_name': ('search.html#tmp_name', 'beadseg/search.py'),

@@ -136,7 +136,8 @@ validate_dataset() {
 }
 
 finish() {
-  if [ -n "$stopped" ]; then echo "== stopped early; to resume: $resume"; fi
+  if [ -n "$stopped" ]; then echo "== stopped early; to resume: $resume"
+  elif [ "$1" -ne 0 ]; then echo "== beadseg exited with status $1 (see above); crashed and interrupted configurations continue with: $resume"; fi
   exit "$1"
 }
 """

@@ -253,7 +253,9 @@ def test_a_failed_configuration_fails_its_subjob(tmp_path):
     job, record = start_subjob(run, 'slurm', {'SLURM_ARRAY_TASK_ID': '1', 'SLURM_SUBMIT_DIR': str(tmp_path), 'FAKE_FAIL': '1'})
     job.communicate(timeout=60)
     assert job.returncode == 1
-    assert (run/'jobs'/'logs'/'config_1.log').read_text().rstrip().endswith('with exit status 1')
+    log = (run/'jobs'/'logs'/'config_1.log').read_text()
+    assert log.rstrip().endswith('with exit status 1')
+    assert f'beadseg exited with status 1 (see above); crashed and interrupted configurations continue with: beadseg submit {run.resolve()}' in log
 
 
 def test_retry_failed_resubmits_failed_configurations(tmp_path):
