@@ -294,7 +294,8 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
             counts.append(summarise_beads(table, labels, name)); beads.append(table)
         except Exception as err:
             message = str(err) if isinstance(err, ValueError) else f'{path}: {type(err).__name__}: {err}'
-            failures.append(message); (tqdm.write if progress else log)(message)
+            failures.append(message)
+            with tqdm.external_write_mode(file=sys.stderr): log(message)  # the bar steps aside for the line
     counts = pd.DataFrame(counts, columns=COUNT_COLUMNS)
     write_csv(out/'counts.csv', counts)
     write_csv(out/'beads.csv', pd.concat(beads) if beads else pd.DataFrame(columns=BEAD_COLUMNS))

@@ -132,11 +132,12 @@ def test_predict_command_outputs_reruns_and_bad_inputs(trained, tmp_path):
     images = val_images(trained)
     (tmp_path/'broken.png').write_bytes(b'\x89PNG not really')
     args = ('predict', run, images[0], str(beads/'images'/'bead_00[01].tif'), tmp_path/'broken.png', tmp_path/'missing.tif',
-            '--out', tmp_path/'out', '--save-prob', '--no-progress')
-    first = run_beadseg(*args)
+            '--out', tmp_path/'out', '--save-prob')
+    first = run_beadseg(*args)  # with the progress bar: the error lines still stand on their own
     assert first.returncode == 1, first.stderr
     assert 'Traceback' not in first.stderr
-    errors = [line for line in first.stderr.splitlines() if 'broken.png' in line or 'missing.tif' in line]
+    assert 'images: 100%' in first.stderr
+    errors = [line.strip() for line in first.stderr.splitlines() if 'broken.png' in line or 'missing.tif' in line]
     assert sorted(errors) == [f"{tmp_path/'broken.png'}: unreadable or corrupt image file", f"{tmp_path/'missing.tif'}: no such file"]
     names = sorted({images[0].stem, 'bead_000', 'bead_001'})
     assert sorted(p.name for p in (tmp_path/'out').iterdir()) == sorted(
