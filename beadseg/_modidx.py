@@ -190,6 +190,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'beadseg.predict.check_settings': ('predict.html#check_settings', 'beadseg/predict.py'),
                                  'beadseg.predict.choose_postprocessing': ('predict.html#choose_postprocessing', 'beadseg/predict.py'),
                                  'beadseg.predict.drop_small': ('predict.html#drop_small', 'beadseg/predict.py'),
+                                 'beadseg.predict.earlier_evaluation': ('predict.html#earlier_evaluation', 'beadseg/predict.py'),
                                  'beadseg.predict.evaluate_model': ('predict.html#evaluate_model', 'beadseg/predict.py'),
                                  'beadseg.predict.expand_inputs': ('predict.html#expand_inputs', 'beadseg/predict.py'),
                                  'beadseg.predict.find_model': ('predict.html#find_model', 'beadseg/predict.py'),

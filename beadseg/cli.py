@@ -206,8 +206,9 @@ def search_command(args):
             return
         from beadseg.train import check_config
         check_config(search.config_from_settings(settings, out_dir='-'))
-        search.check_plan(plan, settings, dataset_ready(settings, args.synthetic).summary)
-        run_dir = search.create_run(settings, args.out, plan)
+        report = dataset_ready(settings, args.synthetic)
+        search.check_plan(plan, settings, report.summary)
+        run_dir = search.create_run(settings, args.out, plan, report)
         print(f'beadseg search: {len(plan)} configurations planned in {run_dir}', flush=True)
         if args.plan_only: return
     s = settings['search']

@@ -44,7 +44,7 @@ def demo(out='runs', # Where the demo dataset and run folder go
     print(report.table())
     if not report.ok: return dict(ok=False, dataset=dataset)
     step(3, f"Random search: {settings['search']['n_random']} configurations through papermill")
-    run_dir = search.create_run(settings, out)
+    run_dir = search.create_run(settings, out, report=report)  # validated and split once, for every configuration
     print(f'  run folder: {run_dir}', flush=True)
     table = search.run_search(run_dir, workers=1, timeout=settings['search']['timeout'])
     step(4, 'Collecting the ranked results')

@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['PARAMETERS', 'SCORED', 'FINISHED', 'RETRYABLE', 'FACTORS', 'TEMPLATE', 'STOP_FILE', 'SCORE', 'COLUMNS',
            'config_from_settings', 'config_id', 'Status', 'tmp_name', 'write_json', 'write_csv', 'read_result',
-           'is_finished', 'grid', 'make_plan', 'create_run', 'read_plan', 'config_for', 'unfinished_indices',
-           'check_plan', 'stderr_to', 'config_lock', 'request_stop', 'stop_requested', 'process_stat', 'record_kernel',
-           'our_kernel', 'failure_reason', 'after_failure', 'run_config', 'result_row', 'rank_results', 'results_table',
-           'link_or_copy', 'collect', 'gpu_count', 'die_with_parent', 'search_logger', 'best_so_far', 'indices_to_run',
-           'run_search']
+           'is_finished', 'grid', 'make_plan', 'create_run', 'split_once', 'read_plan', 'config_for',
+           'unfinished_indices', 'check_plan', 'stderr_to', 'config_lock', 'request_stop', 'stop_requested',
+           'process_stat', 'record_kernel', 'our_kernel', 'failure_reason', 'after_failure', 'run_config', 'result_row',
+           'rank_results', 'results_table', 'link_or_copy', 'collect', 'share_split', 'gpu_count', 'die_with_parent',
+           'search_logger', 'best_so_far', 'indices_to_run', 'run_search']
 
 # %% ../nbs/04_search.ipynb #c1700b14
 import contextlib, ctypes, datetime, fcntl, itertools, json, logging, os, random, shutil, signal, subprocess, sys, threading, time
@@ -112,8 +112,9 @@ def make_plan(settings:dict) -> pd.DataFrame:
 def create_run(settings:dict, # The merged settings
                out='runs', # Where run folders go
                plan:pd.DataFrame=None, # Default: `make_plan(settings)`
+               report=None, # The dataset's `DatasetReport`: the split is made once, here, for every configuration
               ) -> Path:
-    "Create `out/hyperparam_comprehensive_<time>/` with its plan, settings snapshot and search.json."
+    "Create `out/hyperparam_comprehensive_<time>/` with its plan, settings snapshot, search.json and (given `report`) split.json."
     plan = make_plan(settings) if plan is None else plan
     stamp = datetime.datetime.now().strftime('%Y%m%d_%H%M%S')
     run_dir = Path(out)/f'hyperparam_comprehensive_{stamp}'
@@ -126,7 +127,19 @@ def create_run(settings:dict, # The merged settings
     write_json(run_dir/'search.json', dict(search_type=settings['search']['search_type'], seed=settings['data']['seed'],
                                            n_planned=len(plan), created=datetime.datetime.now().isoformat(timespec='seconds'),
                                            dataset=settings['data']['dataset'], beadseg=beadseg.__version__))
+    if report is not None: split_once(run_dir/'split.json', report, settings['data'])
     return run_dir
+
+def split_once(path:Path, # Where the split goes
+               report, # The dataset's `DatasetReport`, validated
+               d:dict, # The settings' [data]
+              ) -> Path:
+    "Split the validated dataset once for a whole search, recording its summary so that configurations need not validate it again."
+    from beadseg.data import split_dataset, save_split
+    train, val, warnings = split_dataset([s.stem for s in report.samples], report.bead_counts, d['val_split'], d['seed'])
+    for w in warnings: print('warning:', w)
+    return save_split(path, train, val, d['seed'], val_split=d['val_split'], warnings=warnings,
+                      dataset_summary=report.summary, bead_counts=report.bead_counts)
 
 def read_plan(run_dir) -> pd.DataFrame:
     "The run's plan.csv."
@@ -267,6 +280,7 @@ def run_config(config:dict, # The configuration; its `out_dir` is where everythi
             print(f"{out_dir}: failed before ({result.get('error')}); trying again", flush=True)
             write_json(out_dir/'result.json', {**result, 'status': Status.INTERRUPTED, 'crashes': 0, 'previous_error': result.get('error')})
         for stale in ('kernel.pid', STOP_FILE): (out_dir/stale).unlink(missing_ok=True)
+        share_split(out_dir)
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
         if log is not None:
             log.addFilter(lambda r: not str(r.msg).startswith(('Executing', 'Ending Cell', 'Input Notebook', 'Output Notebook')))
@@ -355,6 +369,13 @@ def collect(run_dir, # A search run folder
                     evaluation={k: v for k, v in (result.get('evaluation') or {}).items() if k != 'per_image'},
                     configuration=result['config']))
     return table
+
+# %% ../nbs/04_search.ipynb #4ba1b414
+def share_split(out_dir:Path):
+    "Give a configuration folder of a search (RUN_DIR/configs/ID) the search's split.json, if it has one and the folder none."
+    planned = out_dir.parent.parent/'split.json'
+    if out_dir.parent.name == 'configs' and planned.is_file() and not (out_dir/'split.json').exists():
+        link_or_copy(planned, out_dir/'split.json')
 
 # %% ../nbs/04_search.ipynb #3edfef69
 def gpu_count() -> int:

@@ -147,7 +147,7 @@ def publish_best(out_dir, point:Path|None):
     if point is not None and (point/'best.keras').is_file(): link_or_copy(point/'best.keras', target)
     else: target.unlink(missing_ok=True)
 
-def commit_epoch(model, out_dir, epoch:int, best_epoch:int, best_score:float, keep=2) -> Path:
+def commit_epoch(model, out_dir, epoch:int, best_epoch:int, best_score:float, keep=2, weights:str=None) -> Path:
     "Commit `epoch`: the model, the best model so far and a manifest, in `state/epoch_NNNN/`, renamed into place at once."
     state = Path(out_dir)/'state'
     previous, final = latest_resume_point(out_dir)[1], state/f'epoch_{epoch:04d}'
@@ -157,7 +157,7 @@ def commit_epoch(model, out_dir, epoch:int, best_epoch:int, best_score:float, ke
     if best_epoch == epoch: link_or_copy(tmp/'model.keras', tmp/'best.keras')
     elif previous is not None and (best := point_files(out_dir, previous)[1]).is_file(): link_or_copy(best, tmp/'best.keras')
     (tmp/'manifest.json').write_text(json.dumps(dict(epoch=epoch, best_epoch=best_epoch or None,
-        best_val_jaccard=float(best_score) if best_epoch else None, weights=weights_checksum(model))))
+        best_val_jaccard=float(best_score) if best_epoch else None, weights=weights or weights_checksum(model))))
     for f in tmp.iterdir(): fsync_path(f)
     if final.exists(): shutil.rmtree(final)  # a rerun of an epoch whose commit was unreadable
     os.rename(tmp, final); fsync_path(state)
@@ -175,9 +175,11 @@ class ResumePoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if not finite_logs(logs): return
         print(f'beadseg phase: saving epoch {epoch + 1}', flush=True)
+        weights = weights_checksum(self.model)
         with open(self.out_dir/'state'/'epochs.jsonl', 'a') as f:  # evidence for tests: each epoch's weights as trained
-            f.write(json.dumps(dict(epoch=epoch + 1, weights=weights_checksum(self.model))) + '\n')
-        publish_best(self.out_dir, commit_epoch(self.model, self.out_dir, epoch + 1, self.best.best_epoch, self.best.best))
+            f.write(json.dumps(dict(epoch=epoch + 1, weights=weights)) + '\n')
+        publish_best(self.out_dir, commit_epoch(self.model, self.out_dir, epoch + 1, self.best.best_epoch, self.best.best,
+                                                weights=weights))
 
 # %% ../nbs/03_train.ipynb #6fee8c45
 class KeepBest(keras.callbacks.Callback):
@@ -290,17 +292,27 @@ def save_prediction_panel(images, masks, probabilities, names, path, n=3):
 
 # %% ../nbs/03_train.ipynb #bd7eac21
 def prepare_data(config:dict, out_dir:Path, quiet=False):
-    "Check the dataset and split it (or read the saved split); returns the report, training and validation samples."
-    report = data.check_dataset(config['dataset'], config['image_size'], config['mask_suffix'], config['color'])
-    if not quiet: print(report.table())
+    "The dataset's report and its training and validation samples: a search's split.json (validated when the search was planned), else validated and split here, or the split an earlier run of `out_dir` saved."
     split_file = out_dir/'split.json'
-    if split_file.is_file(): train_stems, val_stems = data.load_split(split_file)
+    stems = data.load_split(split_file) if split_file.is_file() else None
+    summary = json.loads(split_file.read_text()).get('dataset_summary') if stems else None
+    if summary:  # the search validated the dataset and split it once, for all its configurations
+        report = data.DatasetReport(Path(config['dataset']), samples=data.find_pairs(config['dataset'], config['mask_suffix']),
+                                    summary=summary)
+        if not quiet: print(f"dataset validated when the search was planned ({summary['n_images']} images); split: {split_file}")
+    else:
+        report = data.check_dataset(config['dataset'], config['image_size'], config['mask_suffix'], config['color'])
+        if not quiet: print(report.table())
+    if stems: train_stems, val_stems = stems
     else:
         train_stems, val_stems, warnings = data.split_dataset([s.stem for s in report.samples], report.bead_counts,
                                                               config['val_split'], config['seed'])
         for w in warnings: print('warning:', w)
         data.save_split(split_file, train_stems, val_stems, config['seed'])
     by_stem = {s.stem: s for s in report.samples}
+    if missing := [s for s in train_stems + val_stems if s not in by_stem]:
+        raise ValueError(f"{config['dataset']}: {len(missing)} image{'s' if len(missing) > 1 else ''} of {split_file} no longer "
+                         f"there (e.g. {missing[0]}); run `beadseg validate {config['dataset']}`")
     train_samples, val_samples = [by_stem[s] for s in train_stems], [by_stem[s] for s in val_stems]
     per_epoch = len(train_samples) * crops_per_image(report.summary, config['image_size'])
     if config['batch_size'] > per_epoch:

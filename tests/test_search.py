@@ -70,6 +70,10 @@ def test_search_writes_every_file_and_records_the_failure(search_run):
         assert (run/name).is_file(), name
     for name in ('history.csv', 'model.keras', 'train.ipynb', 'result.json', 'predictions.png'):
         assert (run/'configs'/ids[0]/name).is_file(), name
+    # validated and split once, when planned: every configuration trains on the run's split without validating again
+    assert json.loads((run/'split.json').read_text())['dataset_summary']['n_images'] == 8
+    for config in ids: assert (run/'configs'/config/'split.json').read_text() == (run/'split.json').read_text()
+    assert 'dataset validated when the search was planned (8 images)' in (run/'configs'/ids[0]/'train.ipynb').read_text()
     final = pd.read_csv(run/'search_results_final.csv')
     assert list(final.config_id) == ids and list(final['rank']) == [1, 2]
     assert list(final.status) == ['completed', 'failed']
