@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import keras, tensorflow as tf
 import beadseg
-from . import data
+from . import data, pipeline
 from .data import crops_per_image
 from .config import PROJECT_SETTINGS, load_settings
 from .search import (PARAMETERS, Status, config_from_settings, config_id, write_json, read_result, is_finished,
@@ -373,7 +373,7 @@ def fit_resumably(config:dict, # The configuration
     "Build or resume the model and fit it until `max_epochs`, early stopping or a stop; returns (parameters, KeepBest, StopOnNaN)."
     phase('building')
     seed_everything(config['seed'])
-    ds = lambda samples, training: data.make_dataset(
+    ds = lambda samples, training: pipeline.make_dataset(
         samples, config['image_size'], micro_batch, training=training, augment=config['augment'], seed=config['seed'],
         shrink=config['shrink'], color=config['color'], crops_per_image=crops if training else 1)
     train_ds, val_ds = ds(train_samples, True), ds(val_samples, False)
