@@ -6,7 +6,7 @@
 __all__ = ['THRESHOLDS', 'MIN_SIZE_FRACTIONS', 'DEFAULTS', 'BEAD_COLUMNS', 'COUNT_COLUMNS', 'tile_starts', 'ramp', 'orient',
            'predict_tiled', 'drop_small', 'segment', 'choose_postprocessing', 'find_model', 'prediction_settings',
            'load_model', 'expand_inputs', 'measure', 'summarise_beads', 'atomic', 'overlay', 'write_outputs',
-           'read_for_model', 'check_settings', 'predict', 'evaluate_model', 'score_top']
+           'read_for_model', 'check_settings', 'predict', 'evaluate_model', 'earlier_evaluation', 'score_top']
 
 # %% ../nbs/13_predict.ipynb #p001f4ef
 import glob, json, os, sys
@@ -324,9 +324,22 @@ def evaluate_model(model, # A .keras file, configuration folder or search run fo
     return dict(evaluation, written_to=str(out/'evaluation.json'))
 
 # %% ../nbs/13_predict.ipynb #p0537b79
+def earlier_evaluation(folder:Path, # A configuration folder
+                       dataset, # The test set
+                      ) -> dict|None:
+    "The configuration's evaluation.json if it scored this model on exactly these images of `dataset`, else None."
+    path, model = folder/'evaluation.json', folder/'model.keras'
+    try: e = json.loads(path.read_text())
+    except (OSError, ValueError): return None
+    if not model.is_file() or path.stat().st_mtime < model.stat().st_mtime or e.get('dataset') != str(dataset): return None
+    samples, _ = data.match_files(dataset, (read_result(folder) or {}).get('config', {}).get('mask_suffix', ''))
+    return e if [r['image'] for r in e.get('per_image', [])] == [s.stem for s in samples] else None
+
+# %% ../nbs/13_predict.ipynb #p054e5ea
 def score_top(run_dir, # A search run folder, collected
               dataset, # A labelled test set: images/, masks/ (and optionally labels/)
               top:int=3, # How many of the best-ranked scored configurations
+              refresh:bool=False, # Evaluate again even where an up-to-date evaluation.json is there
              ) -> pd.DataFrame:
     "Test-set scores of the `top` configurations of a search run, also written to RUN_DIR/test_results.csv."
     from beadseg.search import FACTORS, SCORE, SCORED
@@ -337,7 +350,8 @@ def score_top(run_dir, # A search run folder, collected
     table = table[table.status.isin(SCORED) & (pd.to_numeric(table[SCORE], errors='coerce') >= 0)].head(top)
     rows = []
     for _, row in table.iterrows():
-        e = evaluate_model(run_dir/'configs'/row.config_id, dataset)
+        folder = run_dir/'configs'/row.config_id
+        e = (None if refresh else earlier_evaluation(folder, dataset)) or evaluate_model(folder, dataset)
         ci = lambda k, i: (e.get(f'{k}_ci') or [None, None])[i]
         rows.append(dict(config_id=row.config_id, **{k: row[k] for k in FACTORS}, best_val_jacard=float(row[SCORE]),
                          test_jaccard=e['jaccard'], test_jaccard_ci_low=ci('jaccard', 0), test_jaccard_ci_high=ci('jaccard', 1),

@@ -262,6 +262,13 @@ def test_evaluate_top_configurations_of_a_run(trained, tmp_path):
     single = json.loads((tmp_path/'run'/'configs'/'bbb'/'evaluation.json').read_text())
     assert table.test_jaccard[0] == pytest.approx(single['jaccard']) and table.n_test_images[0] == 1
     assert table.test_jaccard_ci_low[0] <= table.test_jaccard[0] <= table.test_jaccard_ci_high[0]
+    # again: the evaluations are reused, unless the test set changed
+    from beadseg.predict import score_top
+    stamp = (tmp_path/'run'/'configs'/'bbb'/'evaluation.json').stat().st_mtime_ns
+    assert list(score_top(tmp_path/'run', test, 2).test_jaccard) == list(table.test_jaccard)
+    assert (tmp_path/'run'/'configs'/'bbb'/'evaluation.json').stat().st_mtime_ns == stamp
+    for sub in ('images', 'masks'): shutil.copy(beads/sub/val_images(trained)[1].name, test/sub)
+    assert list(score_top(tmp_path/'run', test, 2).n_test_images) == [2, 2]
     (tmp_path/'run'/'search_results_final.csv').unlink()
     status, lines = in_process('evaluate', tmp_path/'run', test, '--top', '2')
     assert status == 2 and lines == [f"beadseg evaluate: error: {tmp_path/'run'/'search_results_final.csv'}: not there; "
