@@ -12,7 +12,7 @@ import datetime, functools, gc, itertools, math, tempfile, time
 from pathlib import Path
 import numpy as np, pandas as pd
 import keras, tensorflow as tf
-from . import data
+from . import data, pipeline
 from .losses import LOSSES
 from .models import build_model
 from .search import config_from_settings, stderr_to, write_csv
@@ -78,14 +78,14 @@ def bench_config(config:dict, # A training configuration (`config_from_settings`
     B, rounds = config['batch_size'], min(rounds, steps)
     samples = samples[:len(samples) // B * B]
     seed_everything(config['seed'])
-    ds = data.make_dataset(samples, config['image_size'], B, training=True, augment=config['augment'], seed=config['seed'],
+    ds = pipeline.make_dataset(samples, config['image_size'], B, training=True, augment=config['augment'], seed=config['seed'],
                            shrink=config['shrink'], color=config['color']).repeat()
     if tf.config.list_physical_devices('GPU'): tf.config.experimental.reset_memory_stats('GPU:0')
     started = time.perf_counter()
     model, _ = build_or_resume(config, Path(tempfile.mkdtemp()), ds.element_spec[0].shape[-1])
     build_s = time.perf_counter() - started
     warm = len(samples) // B + warmup
-    pipeline = pipeline_rate(ds, B, warm, steps)
+    feed_rate = pipeline_rate(ds, B, warm, steps)
     first_step_s = time_steps(model, ds, warm)[0]
     memory = in_memory(next(iter(ds)))
     if reference: time_steps(model, memory, warmup)
@@ -96,8 +96,8 @@ def bench_config(config:dict, # A training configuration (`config_from_settings`
     step_s, ref_step_s = float(np.median(ours)), float(np.median(ref)) if ref else math.nan
     flops = model_flops(config['architecture'], config['image_size'], config['base_filters'], ds.element_spec[0].shape[-1])
     row = dict(params=model.count_params(), step_s=step_s, images_per_s=B / step_s, ref_step_s=ref_step_s,
-               ref_images_per_s=B / ref_step_s, ratio=ref_step_s / step_s, pipeline_images_per_s=pipeline,
-               pipeline_margin=pipeline * step_s / B, gflops_per_image=flops / 1e9, train_gflops_per_image=3 * flops / 1e9,
+               ref_images_per_s=B / ref_step_s, ratio=ref_step_s / step_s, pipeline_images_per_s=feed_rate,
+               pipeline_margin=feed_rate * step_s / B, gflops_per_image=flops / 1e9, train_gflops_per_image=3 * flops / 1e9,
                achieved_tflops=3 * flops * B / step_s / 1e12, first_step_s=first_step_s, build_s=build_s, **peak_memory_mb())
     del model, ds, memory
     keras.backend.clear_session(); gc.collect()
@@ -233,7 +233,7 @@ def pipeline_per_core(samples:list, # Dataset samples (`DatasetReport.samples`)
     for n in cores:
         options = tf.data.Options()
         options.threading.private_threadpool_size, options.threading.max_intra_op_parallelism = n, 1
-        ds = data.make_dataset(samples, image_size, batch_size, training=True, augment=augment, seed=seed, shrink=shrink,
+        ds = pipeline.make_dataset(samples, image_size, batch_size, training=True, augment=augment, seed=seed, shrink=shrink,
                                color=color, crops_per_image=crops).repeat().with_options(options)
         rate = pipeline_rate(ds, batch_size, warmup=math.ceil(len(samples) * crops / batch_size) + 2, steps=5,
                              min_seconds=min_seconds)

@@ -1,4 +1,4 @@
-"Datasets: synthetic beads, reading, validation (library and `beadseg validate`), the split and the tf.data pipeline."
+"Datasets: synthetic beads, reading, validation (library and `beadseg validate`), the split (beadseg.data) and the tf.data pipeline (beadseg.pipeline)."
 import dataclasses, hashlib, shutil
 from pathlib import Path
 import numpy as np
@@ -7,8 +7,8 @@ from skimage.measure import label
 from conftest import run_beadseg
 from beadseg.synthetic import synthesize
 from beadseg.data import (find_pairs, read_image, read_mask, read_labels, load_arrays, validate_dataset, check_dataset,
-                          split_dataset, density_bins, save_split, load_split, make_dataset, geometric_augment,
-                          affine_transform, rotation_matrix, warp, shrink_labels)
+                          split_dataset, density_bins, save_split, load_split, shrink_labels)
+from beadseg.pipeline import make_dataset, geometric_augment, affine_transform, rotation_matrix, warp
 
 
 def fingerprint(folder):

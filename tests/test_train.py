@@ -112,7 +112,7 @@ def tiny_config(beads, out, **changes):
 
 def test_patience_stops_early_and_keeps_the_best_epoch(beads, tmp_path):
     import keras
-    from beadseg import data
+    from beadseg import pipeline
     from beadseg.train import train, prepare_data
     config = tiny_config(beads, tmp_path/'run', learning_rate=3e-2, patience=1, max_epochs=12, loss_function='dice')
     result = train(config, verbose=0)
@@ -122,7 +122,7 @@ def test_patience_stops_early_and_keeps_the_best_epoch(beads, tmp_path):
     assert history.val_jaccard.idxmax() + 1 == result['best_epoch']
     # the saved model is the best epoch's: it scores that epoch's validation Jaccard again
     _, _, val = prepare_data(config, tmp_path/'run', quiet=True)
-    val_ds = data.make_dataset(val, 64, 4, training=False)
+    val_ds = pipeline.make_dataset(val, 64, 4, training=False)
     scores = keras.models.load_model(tmp_path/'run'/'model.keras').evaluate(val_ds, verbose=0, return_dict=True)
     assert scores['jaccard'] == pytest.approx(history.val_jaccard.max(), abs=1e-5)
 
