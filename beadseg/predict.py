@@ -315,7 +315,7 @@ def evaluate_model(model, # A .keras file, configuration folder or search run fo
     samples, problems = data.match_files(dataset, suffix)
     if problems or not samples:
         raise ValueError(problems[0] if problems else f"{Path(dataset)/'images'}: no images ({', '.join(data.IMAGE_EXTENSIONS)})")
-    evaluation, _ = evaluate(load_model(path), samples, s['shrink'], s['color'])  # the function that ends training
+    evaluation, _ = evaluate(load_model(path), samples, s['shrink'], s['color'], s['tile_size'])  # the function that ends training
     evaluation = dict(evaluation, model=str(path), dataset=str(dataset), color=s['color'], shrink=s['shrink'])
     out = Path(out) if out else path.parent
     out.mkdir(parents=True, exist_ok=True)

@@ -266,10 +266,12 @@ def predict_images(model, # A Keras segmentation model
     return [predict_tiled(model, image, tile_size, **kwargs) for image in images]
 
 # %% ../nbs/03_train.ipynb #48c0cff8
-def evaluate(model, samples:list, shrink:int=0, color='gray') -> tuple[dict, list]:
+def evaluate(model, samples:list, shrink:int=0, color='gray',
+             tile_size:int=512, # Tile side for `predict_images`: the training crop size, as `beadseg predict` defaults to
+            ) -> tuple[dict, list]:
     "Score `model` on whole validation `samples`; returns the evaluation block and the probabilities."
     images, masks, objects = data.load_arrays(samples, shrink=shrink, color=color)  # objects: full size, grown once
-    probabilities = predict_images(model, images)
+    probabilities = predict_images(model, images, tile_size)
     return score_predictions(probabilities, masks, objects, [s.stem for s in samples], shrink), probabilities
 
 # %% ../nbs/03_train.ipynb #2f525ab9
@@ -450,7 +452,8 @@ def train(config:dict, # A configuration (see `PARAMETERS`)
             if best.best_epoch:
                 phase('evaluating')
                 best_model = keras.models.load_model(out_dir/'model.keras')
-                result['evaluation'], probabilities = evaluate(best_model, val_samples, config['shrink'], config['color'])
+                result['evaluation'], probabilities = evaluate(best_model, val_samples, config['shrink'], config['color'],
+                                                                config['image_size'])
                 # the threshold and smallest bead `beadseg predict` uses by default, chosen on the same validation images
                 _, masks, objects = data.load_arrays(val_samples, shrink=config['shrink'], color=config['color'])
                 result['postprocessing'] = choose_postprocessing(probabilities, masks, objects, config['shrink'])

@@ -57,7 +57,7 @@ def test_object_f1_equals_stardist_on_the_same_predictions(nuclei_search):
     from beadseg.data import read_instances
     if layout == 'labels':  # the truth is the label tile itself, at full size, ids and gaps unchanged
         for s, truth in zip(samples, truths): assert np.array_equal(truth, read_instances(s.mask)[0])
-    reference = [matching(t.astype(np.int32), predicted_objects(p, SHRINK)) for t, p in zip(truths, predict_images(model, images))]
+    reference = [matching(t.astype(np.int32), predicted_objects(p, SHRINK)) for t, p in zip(truths, predict_images(model, images, 64))]
     tp, n_true, n_pred = (sum(int(getattr(r, k)) for r in reference) for k in ('tp', 'n_true', 'n_pred'))
     assert abs(result['evaluation']['object_f1'] - 2 * tp / (n_true + n_pred)) <= 0.01
     assert [row['true_count'] for row in result['evaluation']['per_image']] == [r.n_true for r in reference]
