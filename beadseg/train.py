@@ -12,7 +12,7 @@ __all__ = ['check_config', 'git_commit', 'device_name', 'environment', 'peak_mem
            'train', 'plot_history', 'metrics_table']
 
 # %% ../nbs/03_train.ipynb #ecbe12ed
-import datetime, hashlib, json, os, platform, resource, shutil, signal, subprocess, threading, time, warnings
+import contextlib, datetime, hashlib, json, os, platform, resource, shutil, signal, subprocess, threading, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 import keras, tensorflow as tf
@@ -462,10 +462,12 @@ def train(config:dict, # A configuration (see `PARAMETERS`)
             if nan.nan_epoch is not None: result['error'] = f'loss became NaN in epoch {nan.nan_epoch}'
             term.deferred = True  # the work is done: a signal now only stops what follows
             phase('writing')
-        except Interrupted:
+        except (Interrupted, BrokenPipeError):  # a stop, or whoever read our output (a killed driver) went away
             term.deferred = True
             result.update(status=Status.INTERRUPTED, error=None, epochs_run=latest_resume_point(out_dir)[0])
-            print(f'beadseg: stopped ({term.received}) after epoch {result["epochs_run"]}; rerun to resume.', flush=True)
+            with contextlib.suppress(OSError):
+                print(f'beadseg: stopped ({term.received or "output closed"}) after epoch {result["epochs_run"]}; '
+                      'rerun to resume.', flush=True)
         except Exception as err:
             term.deferred = True
             result.update(status=Status.FAILED, error=str(err) if isinstance(err, ValueError) else f'{type(err).__name__}: {err}')

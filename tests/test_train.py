@@ -216,3 +216,14 @@ def test_bfloat16_trains_with_finite_losses(beads12, tmp_path):
     assert history[['loss', 'val_loss']].notna().all().all() and (history.loss < 10).all()
     assert result['evaluation']['jaccard'] >= 0
     keras.mixed_precision.set_dtype_policy('float32')  # the policy is global: leave it as the other tests expect
+
+
+def test_a_closed_output_pipe_stops_resumably_not_as_a_failure(beads12, tmp_path):
+    "A driver killed with kill -9 leaves its configurations writing into a closed pipe: that is a stop, not a failure."
+    from beadseg.train import train
+    class ClosedPipe(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None): raise BrokenPipeError(32, 'Broken pipe')
+    result = train(micro_config(beads12, tmp_path/'run', max_epochs=2), callbacks=[ClosedPipe()], verbose=0)
+    assert result['status'] == 'interrupted' and result['error'] is None
+    again = train(micro_config(beads12, tmp_path/'run', max_epochs=2), verbose=0)
+    assert again['status'] == 'completed' and again['epochs_run'] == 2
