@@ -208,6 +208,9 @@ def search_command(args):
         check_config(search.config_from_settings(settings, out_dir='-'))
         report = dataset_ready(settings, args.synthetic)
         search.check_plan(plan, settings, report.summary)
+        if test := settings['data']['test_dataset']:  # checked now, used by `collect` at the end
+            from beadseg.data import check_dataset
+            check_dataset(test, 16, settings['data']['mask_suffix'], settings['data']['color'])
         run_dir = search.create_run(settings, args.out, plan, report)
         print(f'beadseg search: {len(plan)} configurations planned in {run_dir}', flush=True)
         if args.plan_only: return
