@@ -7,8 +7,8 @@ __all__ = ['PARAMETERS', 'FACTORS', 'TEMPLATE', 'STOP_FILE', 'SCORE', 'COLUMNS',
            'make_plan', 'create_run', 'split_once', 'read_plan', 'config_for', 'unfinished_indices', 'check_plan',
            'stderr_to', 'config_lock', 'request_stop', 'stop_requested', 'process_stat', 'record_kernel', 'our_kernel',
            'failure_reason', 'after_failure', 'run_config', 'result_row', 'rank_results', 'results_table',
-           'link_or_copy', 'collect', 'score_test_set', 'share_split', 'gpu_count', 'die_with_parent', 'search_logger',
-           'best_so_far', 'indices_to_run', 'run_search']
+           'link_or_copy', 'collect', 'score_test_set', 'share_split', 'share_compilation_cache', 'gpu_count',
+           'die_with_parent', 'search_logger', 'best_so_far', 'indices_to_run', 'run_search']
 
 # %% ../nbs/04_search.ipynb #c1700b14
 import contextlib, ctypes, datetime, fcntl, itertools, json, logging, os, random, shutil, signal, subprocess, sys, threading, time
@@ -239,7 +239,7 @@ def run_config(config:dict, # The configuration; its `out_dir` is where everythi
             print(f"{out_dir}: failed before ({result.get('error')}); trying again", flush=True)
             write_json(out_dir/'result.json', {**result, 'status': Status.INTERRUPTED, 'crashes': 0, 'previous_error': result.get('error')})
         for stale in ('kernel.pid', STOP_FILE): (out_dir/stale).unlink(missing_ok=True)
-        share_split(out_dir)
+        share_split(out_dir); share_compilation_cache(out_dir)
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
         if log is not None:
             log.addFilter(lambda r: not str(r.msg).startswith(('Executing', 'Ending Cell', 'Input Notebook', 'Output Notebook')))
@@ -349,6 +349,16 @@ def share_split(out_dir:Path):
     planned = out_dir.parent.parent/'split.json'
     if out_dir.parent.name == 'configs' and planned.is_file() and not (out_dir/'split.json').exists():
         link_or_copy(planned, out_dir/'split.json')
+
+# %% ../nbs/04_search.ipynb #0f4ddf68
+def share_compilation_cache(out_dir:Path):
+    "For a configuration folder of a search, send the kernels' XLA compilations to the run's persistent cache RUN_DIR/xla_cache."
+    if out_dir.parent.name != 'configs': return
+    cache = out_dir.parent.parent/'xla_cache'
+    flags = os.environ.get('TF_XLA_FLAGS', '')
+    if '--tf_xla_persistent_cache_directory' not in flags:
+        os.environ['TF_XLA_FLAGS'] = f'{flags} --tf_xla_persistent_cache_directory={cache}'.strip()
+    os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(cache))
 
 # %% ../nbs/04_search.ipynb #3edfef69
 def gpu_count() -> int:
