@@ -10,7 +10,7 @@ __all__ = ['COMMANDS', 'BENCH_DEFAULTS', 'QuietImport', 'QuietLoader', 'quiet_te
            'submit_command', 'add_report_arguments', 'report_command', 'add_model_argument', 'given',
            'add_predict_arguments', 'predict_command', 'add_evaluate_arguments', 'evaluate_command',
            'add_synth_arguments', 'synth_command', 'validate_command', 'add_demo_arguments', 'demo_command',
-           'add_bench_arguments', 'bench_command', 'pipeline_command']
+           'add_bench_arguments', 'bench_command', 'pipeline_command', 'compile_command']
 
 # %% ../nbs/11_cli.ipynb #f20c4bb7
 import argparse, importlib.abc, importlib.util, os, sys, tempfile
@@ -208,6 +208,9 @@ def search_command(args):
         check_config(search.config_from_settings(settings, out_dir='-'))
         report = dataset_ready(settings, args.synthetic)
         search.check_plan(plan, settings, report.summary)
+        if test := settings['data']['test_dataset']:  # checked now, used by `collect` at the end
+            from beadseg.data import check_dataset
+            check_dataset(test, 16, settings['data']['mask_suffix'], settings['data']['color'])
         run_dir = search.create_run(settings, args.out, plan, report)
         print(f'beadseg search: {len(plan)} configurations planned in {run_dir}', flush=True)
         if args.plan_only: return
@@ -396,6 +399,8 @@ def add_bench_arguments(parser):
     parser.add_argument('--out', help='CSV file (default runs/bench_<time>.csv)')
     parser.add_argument('--pipeline-cores', action='store_true',
                         help="only the augmenting input pipeline, with 1, 2 and all cores, at --image-size (default the settings', 512)")
+    parser.add_argument('--compile-cache', action='store_true',
+                        help='only the first (compiling) training step with XLA: without a cache, with an empty and a filled one')
     parser.add_argument('--gpu-rate', type=float, default=300.,
                         help='with --pipeline-cores: the GPU training rate (images/s) the cores must feed (default 300)')
 
@@ -414,6 +419,7 @@ def bench_command(args):
     for name, value in BENCH_DEFAULTS.items():
         if getattr(args, name) is None: setattr(args, name, value)
     s = settings_from_args(args)
+    if args.compile_cache: return compile_command(s)
     results = run_bench(s, s['search']['architectures'], s['data']['image_size'], s['search']['batch_sizes'],
                         s['train']['base_filters'], precisions, xla, steps, warmup, rounds, not args.no_reference,
                         args.out, not args.no_overhead)
@@ -436,3 +442,14 @@ def pipeline_command(args):
         table = pipeline_per_core(report.samples, size, seed=d['seed'], shrink=d['shrink'], color=d['color'], augment=d['augment'])
     print(table.to_string(index=False, float_format=lambda v: f'{v:.1f}'))
     print(f'{cores_needed(table, args.gpu_rate)} cores feed a GPU training {args.gpu_rate:g} images/s at this per-core rate')
+
+
+def compile_command(s:dict):
+    "`beadseg bench --compile-cache`: XLA's first-step time without and with a persistent compilation cache."
+    from beadseg.bench import compile_cache_table
+    from beadseg.search import config_from_settings
+    config = config_from_settings(s, architecture=s['search']['architectures'][0], batch_size=s['search']['batch_sizes'][0],
+                                  out_dir='-')
+    print(f"first training step with XLA, {config['architecture']} {config['image_size']}x{config['image_size']} "
+          f"batch {config['batch_size']}, base {config['base_filters']}, each in a fresh process", flush=True)
+    print(compile_cache_table(config).to_string(index=False, float_format=lambda v: f'{v:.2f}'))

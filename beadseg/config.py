@@ -89,7 +89,7 @@ PRECISION = (*AUTO_ON_OFF, 'bfloat16')  # on: float16 with loss scaling; bfloat1
 walltime = matching(r'\d+:[0-5]\d:[0-5]\d', 'a walltime HH:MM:SS')
 slurm_time = matching(r'(\d+-)?\d+:[0-5]\d:[0-5]\d', 'a time limit [D-]HH:MM:SS')
 SCHEMA = {
-    'data': dict(dataset=text, mask_suffix=text, color=one_of(('gray', 'rgb')), shrink=non_negative_int,
+    'data': dict(dataset=text, test_dataset=text, mask_suffix=text, color=one_of(('gray', 'rgb')), shrink=non_negative_int,
                  image_size=positive_int, val_split=open_fraction, seed=seed_int, augment=boolean),
     'train': dict(learning_rate=positive_float, patience=non_negative_int, max_epochs=positive_int,
                   dropout=dropout_rate, base_filters=positive_int, micro_batch_size=non_negative_int,
@@ -104,7 +104,7 @@ SCHEMA = {
                   gres=text, slurm_mem=matching(r'(?i)\d+[kmgt]?', 'a size such as 240G')),
 }
 KEY_SECTION = {key: section for section, keys in SCHEMA.items() for key in keys}
-OPTIONAL = dict(retries='2', micro_batch_size='0')  # keys added after runs were made: an older run's settings.ini gets these defaults
+OPTIONAL = dict(retries='2', micro_batch_size='0', test_dataset='')  # keys added after runs were made: an older run's settings.ini gets these defaults
 
 # %% ../nbs/10_config.ipynb #562f0972
 class SettingsError(ValueError):

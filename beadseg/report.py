@@ -9,9 +9,9 @@ __all__ = ['UNFINISHED', 'RANKED', 'CLEAR', 'NAMES', 'SEED_BEST', 'SEED_RANGE', 
            'overview', 'ranked_table', 'failures_table', 'best_epoch_gaps', 'training_limits', 'f3', 'noise_level',
            'clear_difference', 'noted', 'factor_statement', 'batch_statement', 'architecture_statement',
            'overfit_statement', 'stopping_statement', 'seed_statements', 'boundary_statement', 'images_needed',
-           'distinguishable_statement', 'collapsed_epochs', 'validation_collapses', 'collapse_statement', 'insights',
-           'plot_factors', 'plot_heatmap', 'plot_intervals', 'plot_learning_curves', 'plot_gaps', 'plot_compute',
-           'image_html', 'per_image_table', 'to_html', 'render_report']
+           'distinguishable_statement', 'collapsed_epochs', 'validation_collapses', 'collapse_statement',
+           'test_statement', 'insights', 'plot_factors', 'plot_heatmap', 'plot_intervals', 'plot_learning_curves',
+           'plot_gaps', 'plot_compute', 'image_html', 'per_image_table', 'to_html', 'render_report']
 
 # %% ../nbs/06_report.ipynb #13f1b6b6
 import base64, json
@@ -87,6 +87,13 @@ class Run:
             if not complete: h = h.iloc[:-1]  # its last row is still being written
             h = h[pd.to_numeric(h.get('epoch'), errors='coerce').notna()] if {'epoch', 'val_jaccard'} <= set(h) else h.iloc[:0]
             return h.astype({'epoch': int}) if len(h) else None
+
+    @property
+    def test_results(self) -> pd.DataFrame|None:
+        "The top configurations' test-set scores (`test_results.csv`, written by `collect` with `[data] test_dataset`), or None."
+        path = self.path/'test_results.csv'
+        try: return pd.read_csv(path) if path.is_file() else None
+        except (pd.errors.EmptyDataError, pd.errors.ParserError): return None
 
 def load_run(run_dir) -> Run:
     "Read a search run folder."
@@ -384,6 +391,18 @@ def collapse_statement(collapses:pd.DataFrame, n_scored:int) -> str:
             f'from {f3(c.best_before)} to {f3(c.lowest)} (epoch {c.epochs[0]}) while training Jaccard stayed at {f3(c.train_then)}. '
             'Their scores understate what they learnt. The likely cause is BatchNorm statistics lagging the weights when an '
             'epoch has few optimizer steps; lower the learning rate, use smaller batches or more images.')
+
+# %% ../nbs/06_report.ipynb #74c8bb07
+def test_statement(test:pd.DataFrame|None) -> str:
+    "The best configuration's test score against the validation score that chose it, or why there is none."
+    if test is None or test.empty:
+        return ('No test set was given (`[data] test_dataset`): every score here is a validation score, which also chose the '
+                'model, so the winner\'s is optimistic. Score it on images the search never saw with `beadseg evaluate`.')
+    b = test.iloc[0]
+    return (f'On the test set ({int(b.n_test_images)} images the search never saw), the best configuration {b.config_id} scores '
+            f'Jaccard {f3(b.test_jaccard)} ({f3(b.test_jaccard_ci_low)}-{f3(b.test_jaccard_ci_high)}) and object F1 '
+            f'{f3(b.test_object_f1)}, against the best validation Jaccard {f3(b.best_val_jacard)} that selected it. '
+            'Validation scores chose the model; test scores measure it.')
 
 # %% ../nbs/06_report.ipynb #420da47b
 def insights(results:pd.DataFrame, # The results table

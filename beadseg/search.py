@@ -7,8 +7,8 @@ __all__ = ['PARAMETERS', 'FACTORS', 'TEMPLATE', 'STOP_FILE', 'SCORE', 'COLUMNS',
            'make_plan', 'create_run', 'split_once', 'read_plan', 'config_for', 'unfinished_indices', 'check_plan',
            'stderr_to', 'config_lock', 'request_stop', 'stop_requested', 'process_stat', 'record_kernel', 'our_kernel',
            'failure_reason', 'after_failure', 'run_config', 'result_row', 'rank_results', 'results_table',
-           'link_or_copy', 'collect', 'share_split', 'gpu_count', 'die_with_parent', 'search_logger', 'best_so_far',
-           'indices_to_run', 'run_search']
+           'link_or_copy', 'collect', 'score_test_set', 'share_split', 'share_compilation_cache', 'gpu_count',
+           'die_with_parent', 'search_logger', 'best_so_far', 'indices_to_run', 'run_search']
 
 # %% ../nbs/04_search.ipynb #c1700b14
 import contextlib, ctypes, datetime, fcntl, itertools, json, logging, os, random, shutil, signal, subprocess, sys, threading, time
@@ -78,7 +78,9 @@ def create_run(settings:dict, # The merged settings
     for n in itertools.count(2):
         try: run_dir.mkdir(parents=True); break
         except FileExistsError: run_dir = Path(out)/f'hyperparam_comprehensive_{stamp}_{n}'
-    settings = {**settings, 'data': {**settings['data'], 'dataset': str(Path(settings['data']['dataset']).resolve())}}
+    d = settings['data']
+    settings = {**settings, 'data': {**d, 'dataset': str(Path(d['dataset']).resolve()),
+                                     'test_dataset': str(Path(d['test_dataset']).resolve()) if d.get('test_dataset') else ''}}
     write_settings(settings, run_dir/'settings.ini')
     write_csv(run_dir/'plan.csv', plan)
     write_json(run_dir/'search.json', dict(search_type=settings['search']['search_type'], seed=settings['data']['seed'],
@@ -237,7 +239,7 @@ def run_config(config:dict, # The configuration; its `out_dir` is where everythi
             print(f"{out_dir}: failed before ({result.get('error')}); trying again", flush=True)
             write_json(out_dir/'result.json', {**result, 'status': Status.INTERRUPTED, 'crashes': 0, 'previous_error': result.get('error')})
         for stale in ('kernel.pid', STOP_FILE): (out_dir/stale).unlink(missing_ok=True)
-        share_split(out_dir)
+        share_split(out_dir); share_compilation_cache(out_dir)
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
         if log is not None:
             log.addFilter(lambda r: not str(r.msg).startswith(('Executing', 'Ending Cell', 'Input Notebook', 'Output Notebook')))
@@ -326,7 +328,20 @@ def collect(run_dir, # A search run folder
                     evaluation={k: v for k, v in (result.get('evaluation') or {}).items() if k != 'per_image'},
                     postprocessing=result.get('postprocessing'),  # the threshold and smallest bead `beadseg predict` uses
                     configuration=result['config']))
+    if final: score_test_set(run_dir)
     return table
+
+def score_test_set(run_dir:Path, # A search run folder
+                   top:int=3, # How many of the best configurations
+                  ) -> pd.DataFrame|None:
+    "With `[data] test_dataset` set, the test-set scores of the `top` configurations (RUN_DIR/test_results.csv); a problem is one warning."
+    test = read_settings(run_dir/'settings.ini')['data']['test_dataset']
+    if not test: return None
+    try:
+        from beadseg.predict import score_top  # loads TensorFlow: only when there is a test set
+        return score_top(run_dir, test, top)
+    except ValueError as err:  # e.g. the test set moved: the search's own results stand
+        print(f'warning: test set not scored: {err}', flush=True)
 
 # %% ../nbs/04_search.ipynb #4ba1b414
 def share_split(out_dir:Path):
@@ -334,6 +349,16 @@ def share_split(out_dir:Path):
     planned = out_dir.parent.parent/'split.json'
     if out_dir.parent.name == 'configs' and planned.is_file() and not (out_dir/'split.json').exists():
         link_or_copy(planned, out_dir/'split.json')
+
+# %% ../nbs/04_search.ipynb #0f4ddf68
+def share_compilation_cache(out_dir:Path):
+    "For a configuration folder of a search, send the kernels' XLA compilations to the run's persistent cache RUN_DIR/xla_cache."
+    if out_dir.parent.name != 'configs': return
+    cache = out_dir.parent.parent/'xla_cache'
+    flags = os.environ.get('TF_XLA_FLAGS', '')
+    if '--tf_xla_persistent_cache_directory' not in flags:
+        os.environ['TF_XLA_FLAGS'] = f'{flags} --tf_xla_persistent_cache_directory={cache}'.strip()
+    os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', str(cache))
 
 # %% ../nbs/04_search.ipynb #3edfef69
 def gpu_count() -> int:

@@ -64,3 +64,14 @@ def test_pipeline_cores_reports_rates_per_core_and_the_cores_a_gpu_needs(beads):
     assert int(needed) == pytest.approx(1e9 / float(rows[-1][3]), rel=0.01)  # the per-core rate with the most cores
     bad = run_beadseg('bench', '--pipeline-cores', '--dataset', beads, '--image-size', '32', '--gpu-rate', '0')
     assert bad.returncode == 2 and bad.stderr.strip() == 'beadseg bench: error: --gpu-rate must be a positive number of images per second, got 0.0'
+
+
+def test_compile_cache_times_the_first_step_without_and_with_a_persistent_cache():
+    done = run_beadseg('bench', '--compile-cache', '--image-size', '32', '--base-filters', '4', '--batch-sizes', '2')
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == 'first training step with XLA, unet 32x32 batch 2, base 4, each in a fresh process'
+    rows = [l.rsplit(maxsplit=3) for l in lines[2:]]
+    assert [r[0].strip() for r in rows] == ['none', 'empty (filled by this run)', 'filled by the run before']
+    for _, first, step, compile_s in rows:
+        assert float(first) > float(step) > 0 and float(compile_s) == pytest.approx(float(first) - float(step), abs=0.02)

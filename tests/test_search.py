@@ -1,5 +1,5 @@
 "The search command: plans, a real papermill search with a failing configuration, collect, resume after kill -9."
-import json, os, subprocess, sys, time
+import json, os, re, subprocess, sys, time
 import pandas as pd, pytest
 from conftest import logged_epochs, run_beadseg, ROOT
 
@@ -147,3 +147,26 @@ def test_report_renders_from_a_real_partly_failed_search(search_run, tmp_path):
     assert '000_unet_bs4_dice' in html and 'is larger than the training set' in html
     assert 'val_jaccard_ci_low' in html and 'val_jaccard_ci_high' in html  # the ranked table's interval
     assert (run/'report.ipynb').is_file()
+
+
+def test_a_test_set_scores_the_top_configurations_and_the_report_says_so(search_run, tmp_path):
+    _, run = search_run
+    test = tmp_path/'test'
+    assert run_beadseg('synth', test, '--n-images', '3', '--size', '128', '--seed', '7').returncode == 0
+    settings = (run/'settings.ini').read_text()
+    (run/'settings.ini').write_text(re.sub(r'^test_dataset =.*$', f'test_dataset = {test}', settings, flags=re.M))
+    try:
+        done = run_beadseg('collect', run, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        scores = pd.read_csv(run/'test_results.csv')
+        assert list(scores.config_id) == ['000_unet_bs4_dice'] and (scores.n_test_images == 3).all()  # the one scored configuration
+        evaluation = json.loads((run/'configs'/'000_unet_bs4_dice'/'evaluation.json').read_text())
+        assert scores.test_jaccard[0] == pytest.approx(evaluation['jaccard'])
+        assert scores.test_jaccard_ci_low[0] <= scores.test_jaccard[0] <= scores.test_jaccard_ci_high[0]
+        report = run_beadseg('report', run, '--out', tmp_path/'reports', timeout=300)
+        assert report.returncode == 0, report.stderr[-2000:]
+        html = (tmp_path/'reports'/f'{run.name}.html').read_text()
+        assert 'On the test set (3 images the search never saw)' in html and 'test scores measure it' in html
+    finally:
+        (run/'settings.ini').write_text(settings)
+        (run/'test_results.csv').unlink(missing_ok=True)
