@@ -118,12 +118,12 @@ def add_train_arguments(parser):
 
 def check_or_record(config:dict):
     "Check `config` before any notebook runs; if it cannot train, record that in its result.json and raise."
-    from beadseg.search import config_id, write_json
+    from beadseg.search import Status, config_id, write_json
     from beadseg.train import check_config
     try: check_config(config)
     except ValueError as err:
         Path(config['out_dir']).mkdir(parents=True, exist_ok=True)
-        write_json(Path(config['out_dir'])/'result.json', dict(config=config, config_id=config_id(config), status='failed', error=str(err)))
+        write_json(Path(config['out_dir'])/'result.json', dict(config=config, config_id=config_id(config), status=Status.FAILED, error=str(err)))
         raise
 
 def stdout_log():
@@ -141,7 +141,7 @@ def exit_status(result:dict) -> int:
 @command('train', 'train one configuration through the template notebook (papermill)', add_train_arguments)
 def train_command(args):
     import datetime
-    from beadseg.search import config_from_settings, config_id, run_config
+    from beadseg.search import RETRYABLE, config_from_settings, config_id, run_config
     choices = {k: getattr(args, k) for k in ('architecture', 'batch_size', 'loss_function') if getattr(args, k) is not None}
     settings = settings_from_args(args)
     config = config_from_settings(settings, **choices)
@@ -152,7 +152,7 @@ def train_command(args):
     result = run_config(config, settings['search']['timeout'], stdout_log(), settings['search']['retries'], args.retry_failed)
     if exit_status(result):
         fail('train', f"{config['out_dir']}: {result['status']}: {result.get('error')}"
-             + ('; rerun the same command to continue' if result['status'] in ('interrupted', 'crashed', 'running') else ''))
+             + ('; rerun the same command to continue' if result['status'] in RETRYABLE else ''))
         return 1
     print(f"beadseg train: {result['status']}, best validation Jaccard {result['best_val_jaccard']:.4f} at epoch "
           f"{result['best_epoch']} of {result['epochs_run']}; results in {config['out_dir']}")

@@ -50,7 +50,7 @@ def demo(out='runs', # Where the demo dataset and run folder go
     step(4, 'Collecting the ranked results')
     table = search.collect(run_dir)
     print(table[['rank', 'config_id', 'status', search.SCORE, 'object_f1']].to_string(index=False))
-    ok = bool(table.status.isin(('completed', 'early_stopped')).all())
+    ok = bool(table.status.isin(search.SCORED).all())
     step(5, 'Rendering the HTML report')
     html = render_report(run_dir, reports)
     print(f'\nbeadseg demo: {"done" if ok else "FINISHED WITH FAILURES"} in {time.time() - started:.0f} s')

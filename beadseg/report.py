@@ -156,7 +156,7 @@ def coverage_statement(results:pd.DataFrame) -> str:
 def overview(run:Run) -> pd.Series:
     "The report's overview facts as a labelled Series."
     r, c = run.results, status_counts(run.results)
-    best = scored(r)['config_id'].iloc[0] if c['scored'] else next(iter(r['config_id'][r['status'].isin(SCORED + ('failed',))]), None)
+    best = scored(r)['config_id'].iloc[0] if c['scored'] else next(iter(r['config_id'][r['status'].isin((*SCORED, Status.FAILED))]), None)
     result = run.result(best) if best is not None else {}
     seconds = pd.to_numeric(r['train_seconds'], errors='coerce').dropna()
     data, versions = result.get('dataset_summary') or {}, result.get('versions') or {}
@@ -183,7 +183,7 @@ def ranked_table(results:pd.DataFrame, n:int=10) -> pd.DataFrame:
 
 def failures_table(results:pd.DataFrame) -> pd.DataFrame:
     "Failed configurations, and diverged ones without a score, with their reasons."
-    bad = (results['status'] == 'failed') | ((results['status'] == 'nan') & results[SCORE].isna())
+    bad = (results['status'] == Status.FAILED) | ((results['status'] == Status.DIVERGED) & results[SCORE].isna())
     return results[bad].reindex(columns=['config_id', 'architecture', 'batch_size', 'loss_function', 'status', 'error'])
 
 # %% ../nbs/06_report.ipynb #21d2ce71
