@@ -8,7 +8,7 @@ from conftest import edited_settings
 
 def test_project_settings_hold_the_seed_defaults():
     s = read_settings(PROJECT_SETTINGS)
-    assert s['data'] == dict(dataset='dataset_shrunk_masks', mask_suffix='', color='gray', shrink=2, image_size=512,
+    assert s['data'] == dict(dataset='dataset_shrunk_masks', test_dataset='', mask_suffix='', color='gray', shrink=2, image_size=512,
                              val_split=0.15, seed=42, augment=True)
     assert s['train'] == dict(learning_rate=5e-5, patience=30, max_epochs=200, dropout=0.3, base_filters=64, micro_batch_size=0,
                               mixed_precision='auto', jit_compile='auto')
@@ -18,6 +18,19 @@ def test_project_settings_hold_the_seed_defaults():
     assert s['pbs'] == dict(queue='', walltime='48:00:00', array_walltime='12:00:00', ncpus=36, ngpus=1, mem='240gb')
     assert s['slurm']['time'] == '48:00:00' and s['slurm']['gres'] == 'gpu:1'
     assert s['cluster'] == dict(modules='', activate='', container='', account='', array_limit=0)
+    assert s['space'] == {}  # no [space] section: the seed's search
+
+
+def test_a_space_section_is_optional_read_and_written_back(tmp_path):
+    path = tmp_path/'settings.ini'
+    path.write_text(PROJECT_SETTINGS.read_text() + '\n[space]\nimage_size = 256, 512\nlearning_rate = loguniform(1e-5, 1e-3)\n')
+    s = read_settings(path)
+    assert s['space']['image_size'] == [256, 512] and str(s['space']['learning_rate']) == 'loguniform(1e-05,0.001)'
+    assert read_settings(write_settings(s, tmp_path/'snapshot.ini')) == s
+    seed = read_settings(PROJECT_SETTINGS)
+    assert '[space]' not in write_settings(seed, tmp_path/'seed.ini').read_text()  # a seed run's snapshot is as before
+    path.write_text(PROJECT_SETTINGS.read_text() + '\n[space]\nepochs = 5\n')
+    with pytest.raises(SettingsError, match=r"\[space\] epochs = '5': unknown key 'epochs'"): read_settings(path)
 
 
 @pytest.mark.parametrize('old, new, message', [
@@ -28,7 +41,7 @@ def test_project_settings_hold_the_seed_defaults():
     ('resunet, attention_resunet', 'resunet, transunet', "[search] architectures = 'unet, resunet, transunet': 'transunet': expected one of unet, resunet, attention_resunet"),
     ('focal, combined,', 'focal, lovasz,', "[search] loss_functions = 'focal, lovasz, focal_tversky, combined_tversky': 'lovasz': expected one of dice, focal"),
     ('mem = 240gb', 'mem = lots', "[pbs] mem = 'lots': expected a size such as 240gb"),
-    ('[pbs]', '[pbss]', 'unknown section [pbss] (expected data, train, search, cluster, pbs, slurm)'),
+    ('[pbs]', '[pbss]', 'unknown section [pbss] (expected data, train, search, cluster, pbs, slurm and optionally space)'),
     ('patience = 30', 'patiance = 30', "[train] unknown key 'patiance'"),
     ('n_random = 30', '', "[search] missing key 'n_random'"),
     ('augment = true', 'augment = sometimes', "[data] augment = 'sometimes': expected true or false"),

@@ -2,6 +2,7 @@
 import json, os, re, subprocess, sys, time
 import pandas as pd, pytest
 from conftest import logged_epochs, run_beadseg, ROOT
+from beadseg.config import PROJECT_SETTINGS
 
 TINY = ('--image-size', '64', '--base-filters', '8', '--max-epochs', '2', '--learning-rate', '1e-3', '--val-split', '0.25',
         '--search-type', 'grid', '--architectures', 'unet', '--no-progress')
@@ -170,3 +171,73 @@ def test_a_test_set_scores_the_top_configurations_and_the_report_says_so(search_
     finally:
         (run/'settings.ini').write_text(settings)
         (run/'test_results.csv').unlink(missing_ok=True)
+
+
+def test_space_flags_plan_a_grid_with_further_dimensions(tmp_path):
+    done = run_beadseg('search', '--dry-run', '--search-type', 'grid', '--architectures', 'unet', '--loss-functions', 'focal',
+                       '--space', 'batch_size=16', '--space', 'learning_rate=1e-4,3e-4', '--space', 'image_size=256,512', cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert '4 configurations (grid search); nothing was run' in done.stdout
+    ids = re.findall(r'\b\d{3}_\S+', done.stdout)
+    assert ids == ['000_unet_bs16_focal_lr1e-04_is256', '001_unet_bs16_focal_lr1e-04_is512',
+                   '002_unet_bs16_focal_lr3e-04_is256', '003_unet_bs16_focal_lr3e-04_is512']
+    assert re.search(r'index\s+config_id\s+architecture\s+batch_size\s+loss_function\s+dropout\s+learning_rate\s+image_size',
+                     done.stdout)
+
+
+def test_a_space_section_in_settings_adds_dimensions_and_overrides_the_seed_lists(tmp_path):
+    (tmp_path/'settings.ini').write_text(PROJECT_SETTINGS.read_text() + '\n[space]\narchitecture = unet\nbase_filters = 8, 16\n')
+    done = run_beadseg('search', '--dry-run', '--search-type', 'grid', cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert '24 configurations (grid search)' in done.stdout  # 1 architecture x 3 batch sizes x 4 losses x 2 base_filters
+    assert '000_unet_bs8_focal_bf8' in done.stdout and '023_unet_bs32_combined_tversky_bf16' in done.stdout
+    assert 'resunet' not in done.stdout
+
+
+def test_random_search_draws_distributions_with_the_seed(tmp_path):
+    args = ('search', '--dry-run', '--n-random', '5', '--space', 'learning_rate=loguniform(1e-5,1e-3)',
+            '--space', 'dropout=uniform(0,0.5)', '--space', 'base_filters=intuniform(8,32)')
+    first, again, other = run_beadseg(*args, cwd=tmp_path), run_beadseg(*args, cwd=tmp_path), run_beadseg(*args, '--seed', '7', cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert '5 configurations (random search)' in first.stdout
+    assert first.stdout == again.stdout and first.stdout != other.stdout
+    ids = re.findall(r'\b\d{3}_\S+', first.stdout)
+    assert len(ids) == 5 and all(re.fullmatch(r'\d{3}_\w+_bs\d+_\w+_do[\d.]+_lr[\d.e+-]+_bf\d+', i) for i in ids), ids
+
+
+@pytest.mark.parametrize('args, says', [
+    (('--space', 'epochs=5'), "--space epochs = '5': unknown key 'epochs' (expected one of architecture,"),
+    (('--space', 'learning_rate=gauss(1,2)'), "--space learning_rate = 'gauss(1,2)': unknown distribution 'gauss'"),
+    (('--space', 'batch_size=uniform(8,32)'), "--space batch_size = 'uniform(8,32)': uniform needs a real-valued setting"),
+    (('--space', 'dropout=0.2,1.5'), "--space dropout = '0.2,1.5': '1.5': expected a number in [0, 1)"),
+    (('--space', 'image_size=100'), "--space image_size = '100': '100': expected a positive multiple of 16"),
+    (('--space', 'image_size'), "--space 'image_size': expected KEY=VALUES"),
+    (('--search-type', 'grid', '--space', 'learning_rate=loguniform(1e-5,1e-3)'),
+     '[space] learning_rate = loguniform(1e-05,0.001): a distribution needs --search-type random'),
+])
+def test_a_bad_space_is_one_line_naming_the_key(tmp_path, args, says):
+    done = run_beadseg('search', '--dry-run', *args, cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith('beadseg search: error: ' + says), done.stderr
+
+
+def test_a_drawn_value_the_model_refuses_stops_the_search_before_it_runs(tmp_path):
+    done = run_beadseg('search', '--n-random', '3', '--space', 'image_size=intuniform(16,64)', '--out', tmp_path/'runs', cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert 'must be a multiple of 2^depth = 16' in done.stderr and not (tmp_path/'runs').exists()
+
+
+def test_a_real_search_over_base_filters_has_the_dimension_in_its_results(beads, tmp_path):
+    out = tmp_path/'runs'
+    done = run_beadseg('search', '--dataset', beads, '--out', out, *TINY, '--batch-sizes', '4', '--loss-functions', 'dice',
+                       '--max-epochs', '1', '--space', 'base_filters=4,8', timeout=600)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(the_run(out)/'search_results_final.csv')
+    assert sorted(table.config_id) == ['000_unet_bs4_dice_bf4', '001_unet_bs4_dice_bf8']
+    assert list(table.columns[:8]) == ['rank', 'config_id', 'architecture', 'batch_size', 'loss_function', 'dropout',
+                                       'learning_rate', 'base_filters']
+    assert table.set_index('config_id').base_filters.to_dict() == {'000_unet_bs4_dice_bf4': 4, '001_unet_bs4_dice_bf8': 8}
+    assert set(table.status) <= {'completed', 'early_stopped'}
+    result = json.loads((the_run(out)/'configs'/'000_unet_bs4_dice_bf4'/'result.json').read_text())
+    assert result['config']['base_filters'] == 4
+    assert table.set_index('config_id').params['000_unet_bs4_dice_bf4'] < table.set_index('config_id').params['001_unet_bs4_dice_bf8']
