@@ -5,13 +5,14 @@
 # %% auto #0
 __all__ = ['UNFINISHED', 'RANKED', 'CLEAR', 'NAMES', 'SEED_BEST', 'SEED_RANGE', 'TEMPLATE_NOTEBOOK', 'OFFLINE_TEMPLATE',
            'is_scored', 'scored', 'read_json', 'mark_running', 'read_results_csv', 'load_results', 'Run', 'load_run',
-           'effect_table', 'interaction_table', 'eta_squared', 'factor_effects', 'status_counts', 'coverage_statement',
-           'overview', 'ranked_table', 'failures_table', 'best_epoch_gaps', 'training_limits', 'f3', 'noise_level',
-           'clear_difference', 'noted', 'factor_statement', 'batch_statement', 'architecture_statement',
-           'overfit_statement', 'stopping_statement', 'seed_statements', 'boundary_statement', 'images_needed',
-           'distinguishable_statement', 'collapsed_epochs', 'validation_collapses', 'collapse_statement',
-           'test_statement', 'insights', 'plot_factors', 'plot_heatmap', 'plot_intervals', 'plot_learning_curves',
-           'plot_gaps', 'plot_compute', 'image_html', 'per_image_table', 'to_html', 'render_report']
+           'searched_factors', 'shown_factors', 'is_continuous', 'levels', 'effect_table', 'interaction_table',
+           'eta_squared', 'factor_effects', 'status_counts', 'coverage_statement', 'overview', 'ranked_table',
+           'failures_table', 'best_epoch_gaps', 'training_limits', 'f3', 'noise_level', 'clear_difference', 'noted',
+           'factor_statement', 'batch_statement', 'architecture_statement', 'overfit_statement', 'stopping_statement',
+           'seed_statements', 'boundary_statement', 'images_needed', 'distinguishable_statement', 'collapsed_epochs',
+           'validation_collapses', 'collapse_statement', 'test_statement', 'insights', 'plot_factors', 'plot_heatmap',
+           'plot_intervals', 'plot_learning_curves', 'plot_gaps', 'plot_compute', 'image_html', 'per_image_table',
+           'to_html', 'render_report']
 
 # %% ../nbs/06_report.ipynb #13f1b6b6
 import base64, json
@@ -104,11 +105,33 @@ def load_run(run_dir) -> Run:
     return Run(run_dir, load_results(run_dir), search)
 
 # %% ../nbs/06_report.ipynb #b92ab257
+from .config import SPACE_KEYS
+
+def searched_factors(results:pd.DataFrame) -> list[str]:
+    "The table's dimensions: the seed's `FACTORS`, then those a `[space]` added (columns that are configuration keys)."
+    return [*FACTORS, *(c for c in results.columns if c in SPACE_KEYS and c not in COLUMNS)]
+
+def shown_factors(results:pd.DataFrame) -> list[str]:
+    "The factors the report shows: the seed's three, and every other that varied among the scored configurations."
+    s = scored(results)
+    return [f for f in searched_factors(results) if f in FACTORS[:3] or (f in s and s[f].nunique() > 1)]
+
+def is_continuous(values:pd.Series) -> bool:
+    "Whether a factor was drawn from a distribution rather than set to a few levels: numeric, with more than 6 distinct values."
+    return pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values) and values.nunique() > 6
+
+def levels(s:pd.DataFrame, # Scored rows
+           factor:str, # A searched factor
+          ) -> pd.Series:
+    "What groups the rows by `factor`: its values, or for a continuous factor its quartiles (ordered bins)."
+    return pd.qcut(s[factor], 4, duplicates='drop') if is_continuous(s[factor]) else s[factor]
+
 def effect_table(results:pd.DataFrame, # The results table
                  factor:str, # A searched factor, e.g. batch_size
                 ) -> pd.DataFrame:
-    "Mean, standard deviation, max and count of the score per level of `factor` (scored rows)."
-    return scored(results).groupby(factor)[SCORE].agg(['mean', 'std', 'max', 'count'])
+    "Mean, standard deviation, max and count of the score per level (or quartile bin) of `factor` (scored rows)."
+    s = scored(results)
+    return s.groupby(levels(s, factor), observed=True)[SCORE].agg(['mean', 'std', 'max', 'count'])
 
 def interaction_table(results:pd.DataFrame, # The results table
                       rows:str='architecture', # Factor of the rows
@@ -123,7 +146,7 @@ def eta_squared(results:pd.DataFrame, # The results table
                ) -> float:
     "Share of the score's variance explained by `factor` (NaN when undefined)."
     s = scored(results)
-    groups, y = s.groupby(factor)[SCORE].agg(['mean', 'count']), s[SCORE]
+    groups, y = s.groupby(levels(s, factor), observed=True)[SCORE].agg(['mean', 'count']), s[SCORE]
     total = ((y - y.mean()) ** 2).sum()
     if len(groups) < 2 or len(s) <= len(groups) or total <= 0: return float('nan')
     return float((groups['count'] * (groups['mean'] - y.mean()) ** 2).sum() / total)
@@ -132,7 +155,7 @@ def eta_squared(results:pd.DataFrame, # The results table
 def factor_effects(results:pd.DataFrame) -> pd.DataFrame:
     "Per varied factor: levels, eta squared, spread of means, best level and its lead; most explanatory first."
     rows = []
-    for f in FACTORS:
+    for f in searched_factors(results):
         if f not in results or scored(results)[f].nunique() < 2: continue
         means = effect_table(results, f)['mean'].sort_values(ascending=False)
         rows.append(dict(factor=f, levels=len(means), eta_squared=eta_squared(results, f), spread=means.iloc[0] - means.iloc[-1],
@@ -220,8 +243,7 @@ def training_limits(run:Run) -> dict:
 
 # %% ../nbs/06_report.ipynb #3db70fbd
 CLEAR = 0.01
-NAMES = dict(architecture='architecture', batch_size='batch size', loss_function='loss function', dropout='dropout',
-             learning_rate='learning rate')
+NAMES = {k: k.replace('_', ' ') for k in SPACE_KEYS}  # every key a [space] can vary: image_size -> image size
 
 def f3(x) -> str: return f'{x:.3f}'
 
@@ -341,7 +363,8 @@ def seed_statements(results:pd.DataFrame) -> list[str]:
 def boundary_statement(results:pd.DataFrame) -> str:
     "Which ordered factors have their best level at the edge of the searched range."
     edges = []
-    for f in ('batch_size', 'learning_rate', 'dropout'):
+    numeric = [f for f in searched_factors(results) if f not in FACTORS and pd.api.types.is_numeric_dtype(results[f]) and not pd.api.types.is_bool_dtype(results[f])]
+    for f in ('batch_size', 'learning_rate', 'dropout', *numeric):  # the seed's ordered factors, then a [space]'s (image_size, ...)
         means = effect_table(results, f)['mean'] if f in results else pd.Series(dtype=float)
         if len(means) < 3: continue
         best = means.idxmax()
@@ -444,10 +467,14 @@ def insights(results:pd.DataFrame, # The results table
 
 # %% ../nbs/06_report.ipynb #2d6a5837
 def plot_factors(results:pd.DataFrame) -> plt.Figure:
-    "Best validation Jaccard by each searched factor: box per level with every configuration as a point."
-    s, factors = scored(results), [f for f in FACTORS[:3] if f in results]
+    "Best validation Jaccard by each shown factor: box per level with every configuration as a point; a continuous one a scatter."
+    s, factors = scored(results), [f for f in shown_factors(results) if f in results]
     fig, axes = plt.subplots(1, len(factors), figsize=(3.2 * len(factors), 2.8), sharey=True, squeeze=False)
     for ax, f in zip(axes[0], factors):
+        if is_continuous(s[f]):
+            sns.scatterplot(s, x=f, y=SCORE, ax=ax, color='C0')
+            if s[f].min() > 0 and s[f].max() / s[f].min() > 20: ax.set_xscale('log')  # e.g. a loguniform learning rate
+            ax.set(xlabel=NAMES[f], ylabel='best val Jaccard'); continue
         order = sorted(s[f].unique())
         sns.boxplot(s, x=f, y=SCORE, order=order, ax=ax, color='0.9', fliersize=0)
         sns.stripplot(s, x=f, y=SCORE, order=order, ax=ax, color='C0', size=5)

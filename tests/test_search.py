@@ -241,3 +241,7 @@ def test_a_real_search_over_base_filters_has_the_dimension_in_its_results(beads,
     result = json.loads((the_run(out)/'configs'/'000_unet_bs4_dice_bf4'/'result.json').read_text())
     assert result['config']['base_filters'] == 4
     assert table.set_index('config_id').params['000_unet_bs4_dice_bf4'] < table.set_index('config_id').params['001_unet_bs4_dice_bf8']
+    report = run_beadseg('report', the_run(out), '--out', tmp_path/'reports', timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    html = (tmp_path/'reports'/f'{the_run(out).name}.html').read_text()
+    assert '<strong>base filters</strong>' in html  # its own effect table, after the seed's three
