@@ -6,11 +6,12 @@
 __all__ = ['PARAMETERS', 'ABBREVIATIONS', 'FACTORS', 'SEED_ID', 'TEMPLATE', 'STOP_FILE', 'SCORE', 'COLUMNS',
            'config_from_settings', 'short_value', 'config_id', 'search_space', 'varied', 'grid', 'draw', 'make_plan',
            'plan_factors', 'create_run', 'split_once', 'read_plan', 'config_for', 'choices', 'plan_configs',
-           'unfinished_indices', 'check_plan', 'stderr_to', 'config_lock', 'request_stop', 'stop_requested',
-           'process_stat', 'record_kernel', 'our_kernel', 'failure_reason', 'after_failure', 'stops_forwarded',
-           'notebook_output_to', 'run_config', 'result_row', 'table_columns', 'rank_results', 'results_table',
-           'link_or_copy', 'collect', 'score_test_set', 'share_split', 'share_compilation_cache', 'gpu_count',
-           'die_with_parent', 'search_logger', 'best_so_far', 'indices_to_run', 'dead_run_one', 'Driver', 'run_search']
+           'unfinished_indices', 'validation_settings', 'check_plan', 'stderr_to', 'config_lock', 'request_stop',
+           'stop_requested', 'process_stat', 'record_kernel', 'our_kernel', 'failure_reason', 'after_failure',
+           'stops_forwarded', 'notebook_output_to', 'run_config', 'result_row', 'table_columns', 'rank_results',
+           'results_table', 'link_or_copy', 'collect', 'score_test_set', 'share_split', 'share_compilation_cache',
+           'gpu_count', 'die_with_parent', 'search_logger', 'best_so_far', 'indices_to_run', 'dead_run_one', 'Driver',
+           'run_search']
 
 # %% ../nbs/04_search.ipynb #c1700b14
 import contextlib, ctypes, datetime, fcntl, itertools, json, logging, math, os, random, re, shutil, signal, subprocess, sys, threading, time
@@ -183,18 +184,30 @@ def unfinished_indices(run_dir) -> list[int]:
     return [int(i) for i, c in zip(plan['index'], plan['config_id']) if not is_finished(Path(run_dir)/'configs'/c)]
 
 # %% ../nbs/04_search.ipynb #e9f2c643
+def validation_settings(settings:dict, plan:pd.DataFrame) -> dict:
+    "`settings` with [data] image_size the smallest planned one (an image_size dimension): what the dataset is validated against."
+    if 'image_size' not in plan: return settings
+    return {**settings, 'data': {**settings['data'], 'image_size': int(plan['image_size'].min())}}
+
 def check_plan(plan:pd.DataFrame, # From `make_plan`
                settings:dict, # The merged settings
                summary:dict, # The dataset's `DatasetReport.summary`
               ):
-    "A one-line `ValueError` if a planned batch size exceeds the training crops of an epoch (checked once, for the whole search)."
+    "A one-line `ValueError` if a planned batch size exceeds the training crops of an epoch, or a planned image size the images (once, for the whole search)."
     from beadseg.data import crops_per_epoch, crops_per_image, split_sizes
-    d = settings['data']
-    per_epoch = crops_per_epoch(summary, d['image_size'], d['val_split'])
-    if too_big := sorted({int(b) for b in plan.batch_size if b > per_epoch}):
-        raise ValueError(f"batch size {', '.join(map(str, too_big))} is larger than an epoch's {per_epoch} training crops "
-                         f"({split_sizes(summary['n_images'], d['val_split'])[0]} training images of {d['dataset']}, "
-                         f"{crops_per_image(summary, d['image_size'])} crops each); use smaller batch sizes or more images")
+    d, varied_size = settings['data'], 'image_size' in plan
+    sizes = plan['image_size'] if varied_size else pd.Series(d['image_size'], index=plan.index)  # a [space] dimension, or [data]'s
+    smallest = min(min(map(int, s.split('x'))) for s in summary['sizes'])
+    if too_large := sorted({int(s) for s in sizes if s > smallest}):
+        raise ValueError(f"image_size {', '.join(map(str, too_large))} is larger than the smallest image side of {d['dataset']} "
+                         f"({smallest} px); plan smaller image sizes")
+    for size in sorted({int(s) for s in sizes}):
+        per_epoch = crops_per_epoch(summary, size, d['val_split'])
+        if too_big := sorted({int(b) for b in plan.batch_size[sizes == size] if b > per_epoch}):
+            raise ValueError(f"batch size {', '.join(map(str, too_big))} is larger than an epoch's {per_epoch} training crops "
+                             + (f"of {size} px " if varied_size else '')
+                             + f"({split_sizes(summary['n_images'], d['val_split'])[0]} training images of {d['dataset']}, "
+                             f"{crops_per_image(summary, size)} crops each); use smaller batch sizes or more images")
 
 # %% ../nbs/04_search.ipynb #b195fa80
 TEMPLATE = TEMPLATES/'train.ipynb'  # nbs/train.ipynb, shipped in the package
@@ -285,11 +298,13 @@ def stops_forwarded(out_dir:Path):
     "While training `out_dir`: SIGTERM and SIGINT ask its kernel to stop after the current epoch; yields the signals received."
     stopped = []
     def stop(signum, frame):
-        if not stopped: print(f'beadseg: signal {signum}: stopping {out_dir.name} after its current epoch', flush=True)
         stopped.append(signum)
         request_stop(out_dir)  # read by the kernel when it starts training and after every epoch
         if (pid := our_kernel(out_dir)) and not is_finished(out_dir):
             with contextlib.suppress(OSError): os.kill(pid, signal.SIGTERM)
+        if len(stopped) == 1:
+            with contextlib.suppress(OSError):  # our output may be gone: a driver killed with kill -9 closed the pipe
+                print(f'beadseg: signal {signum}: stopping {out_dir.name} after its current epoch', flush=True)
     in_main_thread = threading.current_thread() is threading.main_thread()  # only there can Python catch signals
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
     try: yield stopped
