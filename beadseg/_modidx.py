@@ -330,6 +330,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'beadseg.search.stops_forwarded': ('search.html#stops_forwarded', 'beadseg/search.py'),
                                 'beadseg.search.table_columns': ('search.html#table_columns', 'beadseg/search.py'),
                                 'beadseg.search.unfinished_indices': ('search.html#unfinished_indices', 'beadseg/search.py'),
+                                'beadseg.search.validation_settings': ('search.html#validation_settings', 'beadseg/search.py'),
                                 'beadseg.search.varied': ('search.html#varied', 'beadseg/search.py')},
             'beadseg.synthetic': { 'beadseg.synthetic.bead_geometry': ('synthetic.html#bead_geometry', 'beadseg/synthetic.py'),
                                    'beadseg.synthetic.microscope_image': ('synthetic.html#microscope_image', 'beadseg/synthetic.py'),

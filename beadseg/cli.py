@@ -214,7 +214,7 @@ def search_command(args):
             return
         from beadseg.train import check_config
         for config in search.plan_configs(settings, plan): check_config(config)  # every planned configuration, before anything runs
-        report = dataset_ready(settings, args.synthetic)
+        report = dataset_ready(search.validation_settings(settings, plan), args.synthetic)  # at the smallest planned image size
         search.check_plan(plan, settings, report.summary)
         if test := settings['data']['test_dataset']:  # checked now, used by `collect` at the end
             from beadseg.data import check_dataset

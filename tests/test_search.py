@@ -245,3 +245,16 @@ def test_a_real_search_over_base_filters_has_the_dimension_in_its_results(beads,
     assert report.returncode == 0, report.stderr[-2000:]
     html = (tmp_path/'reports'/f'{the_run(out).name}.html').read_text()
     assert '<strong>base filters</strong>' in html  # its own effect table, after the seed's three
+
+
+def test_an_image_size_dimension_validates_the_data_at_its_smallest_and_refuses_sizes_beyond_the_images(beads, tmp_path):
+    out = tmp_path/'runs'
+    planned = run_beadseg('search', '--dataset', beads, '--out', out, '--plan-only', '--search-type', 'grid', '--architectures', 'unet',
+                          '--batch-sizes', '4', '--loss-functions', 'dice', '--space', 'image_size=64,128')  # [data] image_size stays 512
+    assert planned.returncode == 0, planned.stderr
+    assert pd.read_csv(the_run(out)/'plan.csv').config_id.tolist() == ['000_unet_bs4_dice_is64', '001_unet_bs4_dice_is128']
+    refused = run_beadseg('search', '--dataset', beads, '--out', tmp_path/'refused', '--plan-only', '--search-type', 'grid',
+                          '--architectures', 'unet', '--batch-sizes', '4', '--loss-functions', 'dice', '--space', 'image_size=64,256')
+    assert refused.returncode == 2 and not (tmp_path/'refused').exists()
+    assert refused.stderr.strip() == (f'beadseg search: error: image_size 256 is larger than the smallest image side of {beads} '
+                                      f'(128 px); plan smaller image sizes')
