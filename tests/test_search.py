@@ -222,9 +222,12 @@ def test_a_bad_space_is_one_line_naming_the_key(tmp_path, args, says):
 
 
 def test_a_drawn_value_the_model_refuses_stops_the_search_before_it_runs(tmp_path):
-    done = run_beadseg('search', '--n-random', '3', '--space', 'image_size=intuniform(16,64)', '--out', tmp_path/'runs', cwd=tmp_path)
+    done = run_beadseg('search', '--n-random', '3', '--batch-sizes', '8', '--space', 'micro_batch_size=intuniform(3,7)',
+                       '--out', tmp_path/'runs', cwd=tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert 'must be a multiple of 2^depth = 16' in done.stderr and not (tmp_path/'runs').exists()
+    assert 'micro_batch_size must be 0 (the whole batch) or divide batch_size 8' in done.stderr and not (tmp_path/'runs').exists()
+    sizes = run_beadseg('search', '--dry-run', '--n-random', '6', '--space', 'image_size=intuniform(64,512)', cwd=tmp_path)
+    assert sizes.returncode == 0 and all(int(s) % 16 == 0 for s in re.findall(r'_is(\d+)', sizes.stdout)), sizes.stdout
 
 
 def test_a_real_search_over_base_filters_has_the_dimension_in_its_results(beads, tmp_path):
