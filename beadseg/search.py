@@ -433,7 +433,7 @@ def collect(run_dir, # A search run folder
             else:
                 result = read_result(run_dir/'configs'/best.config_id.iloc[0])
                 write_json(run_dir/'best_hyperparameters.json', dict(
-                    config_id=best.config_id.iloc[0], **{k: best[k].iloc[0] for k in FACTORS},
+                    config_id=best.config_id.iloc[0], **{k: best[k].iloc[0] for k in plan_factors(table)},  # every searched dimension
                     best_val_jaccard=best[SCORE].iloc[0], best_epoch=best.best_epoch.iloc[0],
                     evaluation={k: v for k, v in (result.get('evaluation') or {}).items() if k != 'per_image'},
                     postprocessing=result.get('postprocessing'),  # the threshold and smallest bead `beadseg predict` uses
