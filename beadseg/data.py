@@ -7,10 +7,11 @@ __all__ = ['IMAGE_EXTENSIONS', 'CHANNELS', 'DIHEDRAL', 'read_pixels', 'named', '
            'read_image', 'check_labels', 'mask_instances', 'read_instances', 'shrink_labels', 'read_mask', 'Sample',
            'image_files', 'match_files', 'find_pairs', 'count_beads', 'read_checked', 'check_sample', 'DatasetReport',
            'summarise', 'validate_dataset', 'check_dataset', 'density_bins', 'allocate', 'split_sizes', 'split_dataset',
-           'crops_per_image', 'crops_per_epoch', 'save_split', 'load_split', 'read_labels', 'load_arrays']
+           'crops_per_image', 'crops_per_epoch', 'save_split', 'split_report', 'load_split', 'read_labels',
+           'load_arrays']
 
 # %% ../nbs/02_data.ipynb #09ca9efd
-import json, logging, os
+import json, logging
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -101,7 +102,7 @@ def mask_instances(pixels:np.ndarray, # A mask as read from its file
     if not np.issubdtype(m.dtype, np.integer) and (bad := m[m != np.round(m)]).size:
         raise ValueError(f'mask values are neither binary nor integer labels (found {bad[0]})')
     values = set(np.unique(m).tolist())
-    if binary := values <= {0, 1} or values <= {0, 255}: return (m > 0).astype(np.int32), True
+    if values <= {0, 1} or values <= {0, 255}: return (m > 0).astype(np.int32), True
     check_labels(m := m.astype(np.int32))
     return m, False
 
@@ -345,6 +346,18 @@ def save_split(path, # JSON file to write
     tmp.write_text(json.dumps(dict(seed=seed, train=list(train_stems), val=list(val_stems), **extra), indent=1))
     tmp.replace(path)
     return path
+
+def split_report(report, # A validated `DatasetReport`
+                 val_split:float, # Fraction held out for validation
+                 seed:int, # Same seed, same split
+                 path, # Where the split is saved
+                 **extra, # More facts to record, see `save_split`
+                ) -> tuple:
+    "(train_stems, val_stems): `report`'s dataset split by `split_dataset`, its warnings printed, saved to `path`."
+    train, val, warnings = split_dataset([s.stem for s in report.samples], report.bead_counts, val_split, seed)
+    for w in warnings: print('warning:', w)
+    save_split(path, train, val, seed, val_split=val_split, warnings=warnings, **extra)
+    return train, val
 
 def load_split(path) -> tuple:
     "(train_stems, val_stems) saved by `save_split`; a one-line `ValueError` if `path` is not such a file."

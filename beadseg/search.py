@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['PARAMETERS', 'ABBREVIATIONS', 'FACTORS', 'SEED_ID', 'STEPS', 'TEMPLATE', 'STOP_FILE', 'SCORE', 'COLUMNS',
            'config_from_settings', 'short_value', 'config_id', 'search_space', 'varied', 'grid', 'draw', 'make_plan',
-           'plan_factors', 'create_run', 'split_once', 'read_plan', 'config_for', 'choices', 'plan_configs',
-           'unfinished_indices', 'validation_settings', 'check_plan', 'stderr_to', 'config_lock', 'request_stop',
+           'plan_factors', 'create_run', 'read_plan', 'config_for', 'choices', 'plan_configs', 'unfinished_indices',
+           'validation_settings', 'check_plan', 'stderr_to', 'signals_to', 'config_lock', 'request_stop',
            'stop_requested', 'process_stat', 'record_kernel', 'our_kernel', 'failure_reason', 'after_failure',
            'stops_forwarded', 'notebook_output_to', 'run_config', 'result_row', 'table_columns', 'rank_results',
            'results_table', 'link_or_copy', 'collect', 'score_test_set', 'share_split', 'share_compilation_cache',
@@ -140,19 +140,11 @@ def create_run(settings:dict, # The merged settings
     write_json(run_dir/'search.json', dict(search_type=settings['search']['search_type'], seed=settings['data']['seed'],
                                            n_planned=len(plan), created=datetime.datetime.now().isoformat(timespec='seconds'),
                                            dataset=settings['data']['dataset'], beadseg=beadseg.__version__))
-    if report is not None: split_once(run_dir/'split.json', report, settings['data'])
+    if report is not None:  # split once for the whole search, with the summary that spares configurations a validation
+        from beadseg.data import split_report
+        split_report(report, d['val_split'], d['seed'], run_dir/'split.json', dataset_summary=report.summary,
+                     bead_counts=report.bead_counts)
     return run_dir
-
-def split_once(path:Path, # Where the split goes
-               report, # The dataset's `DatasetReport`, validated
-               d:dict, # The settings' [data]
-              ) -> Path:
-    "Split the validated dataset once for a whole search, recording its summary so that configurations need not validate it again."
-    from beadseg.data import split_dataset, save_split
-    train, val, warnings = split_dataset([s.stem for s in report.samples], report.bead_counts, d['val_split'], d['seed'])
-    for w in warnings: print('warning:', w)
-    return save_split(path, train, val, d['seed'], val_split=d['val_split'], warnings=warnings,
-                      dataset_summary=report.summary, bead_counts=report.bead_counts)
 
 def read_plan(run_dir) -> pd.DataFrame:
     "The run's plan.csv."
@@ -227,6 +219,15 @@ def stderr_to(path):
     try: yield
     finally:
         sys.stderr.flush(); os.dup2(saved, 2); os.close(saved)
+
+@contextlib.contextmanager
+def signals_to(handler):
+    "While in the block, SIGTERM and SIGINT call `handler`; only in the main thread, where Python can catch signals."
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try: yield
+    finally:
+        for s, before in previous.items(): signal.signal(s, before)
 
 @contextlib.contextmanager
 def config_lock(out_dir, # The folder to lock
@@ -310,12 +311,9 @@ def stops_forwarded(out_dir:Path):
         if len(stopped) == 1:
             with contextlib.suppress(OSError):  # our output may be gone: a driver killed with kill -9 closed the pipe
                 print(f'beadseg: signal {signum}: stopping {out_dir.name} after its current epoch', flush=True)
-    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can Python catch signals
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
-    try: yield stopped
-    finally:
-        for s, handler in previous.items(): signal.signal(s, handler)
-        (out_dir/STOP_FILE).unlink(missing_ok=True)  # or a rerun by hand (train.ipynb) would stop at once
+    try:
+        with signals_to(stop): yield stopped
+    finally: (out_dir/STOP_FILE).unlink(missing_ok=True)  # or a rerun by hand (train.ipynb) would stop at once
 
 @contextlib.contextmanager
 def notebook_output_to(log:logging.Handler|None):
@@ -578,13 +576,9 @@ def run_search(run_dir, # A run folder made by `create_run`
     driver.log.info(f'{"resume" if (run_dir/"configs").is_dir() else "start"}: '
                     f'{len(todo)} of {len(plan)} configurations to run, {workers} at a time')
     bar.set_postfix_str(f'best {best_so_far(collect(run_dir, final=False))}')
-    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can Python catch signals
-    previous = {s: signal.signal(s, driver.stop) for s in (signal.SIGTERM, signal.SIGINT)} if in_main_thread else {}
     try:
-        with ThreadPoolExecutor(workers) as pool: list(pool.map(driver.run, todo))
-    finally:
-        for s, handler in previous.items(): signal.signal(s, handler)
-        bar.close()
+        with signals_to(driver.stop), ThreadPoolExecutor(workers) as pool: list(pool.map(driver.run, todo))
+    finally: bar.close()
     table = collect(run_dir, final=not driver.stopping.is_set())
     counts = table.status.value_counts().to_dict()
     driver.log.info(('stopped' if driver.stopping.is_set() else 'done') + ': ' + ', '.join(f'{n} {s}' for s, n in counts.items()))

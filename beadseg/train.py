@@ -4,15 +4,15 @@
 
 # %% auto #0
 __all__ = ['check_config', 'git_commit', 'device_name', 'environment', 'peak_memory_mb', 'resolve_switch', 'dtype_policy',
-           'history_frame', 'EpochLog', 'finite_logs', 'fsync_path', 'save_model_atomically', 'weights_checksum',
-           'resume_points', 'point_files', 'latest_resume_point', 'publish_best', 'commit_epoch', 'ResumePoint',
-           'KeepBest', 'patience_used_up', 'ResumableEarlyStopping', 'StopOnNaN', 'Interrupted', 'StopOnSignal',
-           'predict_images', 'evaluate', 'save_prediction_panel', 'prepare_data', 'seed_everything',
-           'load_resume_point', 'build_or_resume', 'smaller_micro_batch', 'out_of_memory', 'fit_resumably', 'phase',
-           'fit_within_memory', 'training_facts', 'score_best', 'train', 'plot_history', 'metrics_table']
+           'history_frame', 'EpochLog', 'finite_logs', 'fsync_path', 'weights_checksum', 'resume_points', 'point_files',
+           'latest_resume_point', 'publish_best', 'commit_epoch', 'ResumePoint', 'KeepBest', 'patience_used_up',
+           'ResumableEarlyStopping', 'StopOnNaN', 'Interrupted', 'StopOnSignal', 'predict_images', 'evaluate',
+           'evaluate_arrays', 'save_prediction_panel', 'prepare_data', 'seed_everything', 'load_resume_point',
+           'build_or_resume', 'smaller_micro_batch', 'out_of_memory', 'fit_resumably', 'phase', 'fit_within_memory',
+           'training_facts', 'score_best', 'train', 'plot_history', 'metrics_table']
 
 # %% ../nbs/03_train.ipynb #ecbe12ed
-import contextlib, datetime, hashlib, json, os, platform, resource, shutil, signal, subprocess, threading, time, warnings
+import contextlib, hashlib, json, os, platform, resource, shutil, subprocess, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 import keras, tensorflow as tf
@@ -20,12 +20,11 @@ import beadseg
 from . import data, pipeline
 from .data import crops_per_image
 from .config import PROJECT_SETTINGS, load_settings
-from .search import (PARAMETERS, Status, config_from_settings, config_id, write_json, read_result, is_finished,
-                            link_or_copy, record_kernel, stop_requested)
+from .runs import Status, read_result, is_finished, start_result, finish_result
+from .search import PARAMETERS, config_from_settings, config_id, link_or_copy, record_kernel, signals_to, stop_requested
 from .losses import get_loss, Jaccard, DiceCoef
 from .models import build_model, check_model_args
 from .metrics import score_predictions
-from .runs import start_result, finish_result
 
 # %% ../nbs/03_train.ipynb #5247620f
 def check_config(config:dict):
@@ -112,15 +111,6 @@ def fsync_path(path):
     fd = os.open(path, os.O_RDONLY)
     try: os.fsync(fd)
     finally: os.close(fd)
-
-def save_model_atomically(model, # A Keras model
-                          path, # The .keras file to write
-                         ):
-    "Save `model` to `path` via a temporary file, fsync and a rename."
-    path = Path(path)
-    tmp = path.with_name(f'.{path.stem}.{os.getpid()}.tmp.keras')
-    model.save(tmp); fsync_path(tmp)
-    os.replace(tmp, path)
 
 def weights_checksum(model) -> str:
     "A fingerprint of `model`'s weights (not its optimizer): equal weights, equal checksum."
@@ -245,13 +235,10 @@ class StopOnSignal(keras.callbacks.Callback):
     (which is saved), elsewhere at once by raising `Interrupted`; so does a `stop` file that `run_config` writes."""
     def __init__(self, out_dir=None):
         super().__init__()
-        self.out_dir, self.received, self.fitting, self.deferred, self.previous = out_dir, None, False, False, {}
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # only there can Python catch signals
-            self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items(): signal.signal(s, handler)
+        self.out_dir, self.received, self.fitting, self.deferred = out_dir, None, False, False
+        self.signals = signals_to(self.handle)
+    def __enter__(self): self.signals.__enter__(); return self
+    def __exit__(self, *exc): self.signals.__exit__(*exc)
     def handle(self, signum, frame):
         self.received = signum
         if self.fitting:
@@ -286,9 +273,13 @@ def evaluate(model, samples:list, shrink:int=0, color='gray',
              tile_size:int=512, # Tile side for `predict_images`: the training crop size, as `beadseg predict` defaults to
             ) -> tuple[dict, list]:
     "Score `model` on whole validation `samples`; returns the evaluation block and the probabilities."
-    images, masks, objects = data.load_arrays(samples, shrink=shrink, color=color)  # objects: full size, grown once
+    return evaluate_arrays(model, *data.load_arrays(samples, shrink=shrink, color=color), [s.stem for s in samples], shrink,
+                           tile_size)
+
+def evaluate_arrays(model, images:list, masks:list, objects:list, names:list, shrink:int=0, tile_size:int=512) -> tuple[dict, list]:
+    "`evaluate` on images, masks and full-size objects already read (`data.load_arrays`)."
     probabilities = predict_images(model, images, tile_size)
-    return score_predictions(probabilities, masks, objects, [s.stem for s in samples], shrink), probabilities
+    return score_predictions(probabilities, masks, objects, names, shrink), probabilities
 
 # %% ../nbs/03_train.ipynb #2f525ab9
 def save_prediction_panel(images, # Validation images (H, W, C)
@@ -330,12 +321,7 @@ def prepare_data(config:dict, # The configuration
     else:
         report = data.check_dataset(config['dataset'], config['image_size'], config['mask_suffix'], config['color'])
         if not quiet: print(report.table())
-    if stems: train_stems, val_stems = stems
-    else:
-        train_stems, val_stems, warnings = data.split_dataset([s.stem for s in report.samples], report.bead_counts,
-                                                              config['val_split'], config['seed'])
-        for w in warnings: print('warning:', w)
-        data.save_split(split_file, train_stems, val_stems, config['seed'])
+    train_stems, val_stems = stems or data.split_report(report, config['val_split'], config['seed'], split_file)
     by_stem = {s.stem: s for s in report.samples}
     if missing := [s for s in train_stems + val_stems if s not in by_stem]:
         raise ValueError(f"{config['dataset']}: {len(missing)} image{'s' if len(missing) > 1 else ''} of {split_file} no longer "
@@ -473,10 +459,11 @@ def score_best(config:dict, # The configuration
               ) -> dict:
     "The best model's evaluation on the whole validation images, the postprocessing chosen on them, and their panel."
     phase('evaluating')
-    evaluation, probabilities = evaluate(keras.models.load_model(out_dir/'model.keras'), val_samples, config['shrink'],
-                                         config['color'], config['image_size'])
-    images, masks, objects = data.load_arrays(val_samples, shrink=config['shrink'], color=config['color'])
-    save_prediction_panel(images, masks, probabilities, [s.stem for s in val_samples], out_dir/'predictions.png')
+    images, masks, objects = data.load_arrays(val_samples, shrink=config['shrink'], color=config['color'])  # read once
+    names = [s.stem for s in val_samples]
+    evaluation, probabilities = evaluate_arrays(keras.models.load_model(out_dir/'model.keras'), images, masks, objects, names,
+                                                config['shrink'], config['image_size'])
+    save_prediction_panel(images, masks, probabilities, names, out_dir/'predictions.png')
     # the threshold and smallest bead `beadseg predict` uses by default, chosen on the same validation images
     return dict(evaluation=evaluation, postprocessing=choose_postprocessing(probabilities, masks, objects, config['shrink']))
 
