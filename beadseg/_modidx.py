@@ -304,6 +304,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'beadseg.search.gpu_count': ('search.html#gpu_count', 'beadseg/search.py'),
                                 'beadseg.search.grid': ('search.html#grid', 'beadseg/search.py'),
                                 'beadseg.search.indices_to_run': ('search.html#indices_to_run', 'beadseg/search.py'),
+                                'beadseg.search.kernel_ran': ('search.html#kernel_ran', 'beadseg/search.py'),
                                 'beadseg.search.link_or_copy': ('search.html#link_or_copy', 'beadseg/search.py'),
                                 'beadseg.search.make_plan': ('search.html#make_plan', 'beadseg/search.py'),
                                 'beadseg.search.notebook_output_to': ('search.html#notebook_output_to', 'beadseg/search.py'),

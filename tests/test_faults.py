@@ -294,3 +294,35 @@ def test_report_renders_empty_and_partial_histories(tmp_path):
     out = run_beadseg('report', run, '--out', tmp_path/'reports', timeout=600)
     assert out.returncode == 0 and 'Traceback' not in out.stderr, out.stderr[-3000:]
     assert (tmp_path/'reports'/f'{run.name}.html').is_file()
+
+
+def flaky_kernel(folder, fails):
+    "A JUPYTER_PATH whose `python3` kernel dies at start `fails` times (as one that lost its port to another kernel does), then starts."
+    spec, counter = folder/'kernels'/'python3', folder/'starts'
+    spec.mkdir(parents=True)
+    (folder/'kernel.sh').write_text(f'n=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) > {counter}\n'
+                                    f'if [ "$n" -lt {fails} ]; then echo "zmq.error.ZMQError: Address already in use" >&2; exit 1; fi\n'
+                                    f'exec {sys.executable} -m ipykernel_launcher -f "$1"\n')
+    (spec/'kernel.json').write_text(json.dumps(dict(argv=['bash', str(folder/'kernel.sh'), '{connection_file}'],
+                                                    display_name='flaky', language='python')))
+    return {'JUPYTER_PATH': str(folder)}, counter
+
+
+def test_a_kernel_that_does_not_start_is_started_again(tmp_path):
+    "A kernel that dies before running a cell is started again (up to 3 tries); one that never starts is a one-line failure."
+    assert run_beadseg('synth', tmp_path/'beads', '--n-images', '8', '--size', '64').returncode == 0
+    done = run_beadseg('search', '--plan-only', '--dataset', tmp_path/'beads', '--out', tmp_path/'runs', *TINY,
+                       '--max-epochs', '1', '--loss-functions', 'dice')  # the later flag wins: one configuration, one epoch
+    assert done.returncode == 0, done.stderr
+    [run] = (tmp_path/'runs').iterdir()
+    env, starts = flaky_kernel(tmp_path/'never', fails=99)
+    done = run_beadseg('run-one', run, '--index', 0, env=env)
+    [out] = configs(run)
+    assert done.returncode == 1 and starts.read_text().strip() == '3', done.stdout + done.stderr
+    assert [l for l in done.stdout.splitlines() if 'starting it again' in l][-1].endswith('(3 of 3)'), done.stdout
+    assert result(out)['status'] == 'failed' and result(out)['error'].startswith('the kernel did not start in 3 tries: '), result(out)
+    assert 'Traceback' not in done.stdout + done.stderr and 'Address already in use' in (out/'kernel.log').read_text()
+    env, starts = flaky_kernel(tmp_path/'once', fails=1)
+    done = run_beadseg('run-one', run, '--index', 0, '--retry-failed', env=env)
+    assert done.returncode == 0 and starts.read_text().strip() == '2', done.stdout + done.stderr
+    assert done.stdout.count('starting it again') == 1 and result(out)['status'] == 'completed', done.stdout

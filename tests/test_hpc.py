@@ -424,8 +424,10 @@ def test_slurm_runs_a_tiny_search_end_to_end(slurm, tmp_path):
     assert out.returncode == 0, out.stderr
     wait_for_slurm_jobs(slurm, 600)
     logs = {p.name: p.read_text() for p in (run/'jobs'/'logs').glob('*.log')}
-    results = [json.loads(p.read_text()) for p in run.glob('configs/*/result.json')]
-    assert [r['status'] for r in results] == ['completed', 'completed'], logs
-    assert (run/'search_results_final.csv').is_file() and (run/'best_hyperparameters.json').is_file(), logs
+    results = [json.loads(p.read_text()) for p in sorted(run.glob('configs/*/result.json'))]
+    # a message that is a string is shown whole (pytest shortens any other kind): the logs and errors of a failure
+    shown = '\n'.join([*(f'== {name}\n{text}' for name, text in sorted(logs.items())), *(f"error: {r.get('error')}" for r in results)])
+    assert [r['status'] for r in results] == ['completed', 'completed'], shown
+    assert (run/'search_results_final.csv').is_file() and (run/'best_hyperparameters.json').is_file(), shown
     assert logs['summary.log'].rstrip().endswith('with exit status 0'), logs['summary.log']
     assert (tmp_path/'reports'/f'{run.name}.html').is_file(), logs['summary.log']
