@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'BENCH_DEFAULTS', 'QuietImport', 'QuietLoader', 'quiet_tensorflow_startup', 'command', 'show_settings',
            'show_models', 'make_parser', 'main', 'fail', 'add_train_arguments', 'check_or_record', 'stdout_log',
-           'exit_status', 'train_command', 'add_search_arguments', 'dataset_ready', 'summarise', 'search_command',
-           'add_run_dir', 'add_run_one_arguments', 'run_one_command', 'collect_command', 'add_submit_arguments',
+           'exit_status', 'train_command', 'run_planned', 'add_search_arguments', 'dataset_ready', 'summarise',
+           'search_command', 'add_run_dir', 'add_run_one_arguments', 'run_one_command', 'add_run_rung_arguments',
+           'run_rung_command', 'collect_command', 'add_confirm_arguments', 'confirm_command', 'add_submit_arguments',
            'submit_command', 'add_report_arguments', 'report_command', 'add_model_argument', 'given',
            'add_predict_arguments', 'predict_command', 'add_evaluate_arguments', 'evaluate_command',
            'add_synth_arguments', 'synth_command', 'validate_command', 'add_demo_arguments', 'demo_command',
-           'add_bench_arguments', 'bench_command', 'pipeline_command', 'compile_command']
+           'add_bench_arguments', 'bench_command', 'halving_bench_command', 'pipeline_command', 'compile_command']
 
 # %% ../nbs/11_cli.ipynb #f20c4bb7
 import argparse, importlib.abc, importlib.util, os, sys, tempfile
@@ -121,7 +122,7 @@ def add_train_arguments(parser):
 def check_or_record(config:dict):
     "Check `config` before any notebook runs; if it cannot train, record that in its result.json and raise."
     from beadseg.runs import record_failure
-    from beadseg.search import config_id
+    from beadseg.runs import config_id
     from beadseg.train import check_config
     try: check_config(config)
     except ValueError as err:
@@ -137,14 +138,15 @@ def stdout_log():
     return handler
 
 def exit_status(result:dict) -> int:
-    "0 when the configuration trained to the end and was scored; 1 otherwise (failed, diverged, crashed, interrupted), so a scheduler shows the job as failed."
-    from beadseg.search import SCORED
-    return 0 if result.get('status') in SCORED else 1
+    "0 when the configuration trained to the end and was scored, or a halving search paused or pruned it as planned; 1 otherwise (failed, diverged, crashed, interrupted), so a scheduler shows the job as failed."
+    from beadseg.runs import SCORED, Status
+    return 0 if result.get('status') in (*SCORED, Status.PAUSED, Status.PRUNED) else 1
 
 @command('train', 'train one configuration through the template notebook (papermill)', add_train_arguments)
 def train_command(args):
     import datetime
-    from beadseg.search import RETRYABLE, config_from_settings, config_id, run_config
+    from beadseg.runs import RETRYABLE, config_from_settings, config_id
+    from beadseg.search import run_config
     choices = {k: getattr(args, k) for k in ('architecture', 'batch_size', 'loss_function') if getattr(args, k) is not None}
     settings = settings_from_args(args)
     config = config_from_settings(settings, **choices)
@@ -159,6 +161,27 @@ def train_command(args):
         return 1
     print(f"beadseg train: {result['status']}, best validation Jaccard {result['best_val_jaccard']:.4f} at epoch "
           f"{result['best_epoch']} of {result['epochs_run']}; results in {config['out_dir']}")
+
+# %% ../nbs/11_cli.ipynb #29daaf06
+def run_planned(name:str, # The command, for its messages: 'search' or 'confirm'
+                run_dir:Path, # A planned run (a search or a confirmation)
+                settings:dict, # Its settings
+                args, # The command's arguments (--no-progress, --retry-failed)
+               ) -> int:
+    "Train every unfinished configuration of `run_dir` and print the outcome; 1 unless every configuration was scored (or pruned by halving)."
+    from beadseg import search
+    s = settings['search']
+    table = search.run_search(run_dir, s['workers'], s['timeout'], progress=not args.no_progress, retries=s['retries'],
+                              retry_failed=getattr(args, 'retry_failed', False))
+    print(f'beadseg {name}: {run_dir}: {summarise(table)}')
+    print(f'  ranked results: {run_dir}/search_results_final.csv; log: {run_dir}/search.log')
+    if search.is_confirmation(run_dir):
+        print(f"beadseg {name}: {search.confirmation_summary(run_dir)['statement']}")
+        print(f'  finalists over folds: {run_dir}/confirm_results.csv; the winner: {run_dir}/best_hyperparameters.json')
+    if unscored := (~table.status.isin((*search.SCORED, search.Status.PRUNED))).sum():  # pruned: as a halving search planned
+        print(f'beadseg {name}: {unscored} of {len(table)} configurations did not finish with a score; '
+              f'`beadseg search --resume {run_dir}` continues interrupted and crashed ones', file=sys.stderr)
+    return 1 if unscored else 0  # 1 also when every configuration diverged: nothing was found
 
 # %% ../nbs/11_cli.ipynb #9c457ed2
 def add_search_arguments(parser):
@@ -197,7 +220,7 @@ def summarise(table) -> str:
     best = f"; best {done.config_id.iloc[0]} with validation Jaccard {done[SCORE].iloc[0]:.4f}" if len(done) else ''
     return ', '.join(f'{n} {s}' for s, n in counts.items()) + best
 
-@command('search', 'plan and run a grid or random search (one papermill notebook per configuration)', add_search_arguments)
+@command('search', 'plan and run a grid, random or halving search (one papermill notebook per configuration)', add_search_arguments)
 def search_command(args):
     from beadseg import search
     if args.resume:
@@ -210,6 +233,9 @@ def search_command(args):
         plan = search.make_plan(settings)
         if args.dry_run:
             print(plan.to_string(index=False))
+            if settings['search']['search_type'] == 'halving':
+                from beadseg.halving import schedule_lines
+                print(*schedule_lines(settings, len(plan)), sep='\n')
             print(f"{len(plan)} configurations ({settings['search']['search_type']} search); nothing was run (--dry-run)")
             return
         from beadseg.train import check_config
@@ -222,15 +248,7 @@ def search_command(args):
         run_dir = search.create_run(settings, args.out, plan, report)
         print(f'beadseg search: {len(plan)} configurations planned in {run_dir}', flush=True)
         if args.plan_only: return
-    s = settings['search']
-    table = search.run_search(run_dir, s['workers'], s['timeout'], progress=not args.no_progress, retries=s['retries'],
-                              retry_failed=args.retry_failed)
-    print(f'beadseg search: {run_dir}: {summarise(table)}')
-    print(f'  ranked results: {run_dir}/search_results_final.csv; log: {run_dir}/search.log')
-    if unscored := (~table.status.isin(search.SCORED)).sum():
-        print(f'beadseg search: {unscored} of {len(table)} configurations did not finish with a score; '
-              f'`beadseg search --resume {run_dir}` continues interrupted and crashed ones', file=sys.stderr)
-    return 1 if unscored else 0  # 1 also when every configuration diverged: nothing was found
+    return run_planned('search', run_dir, settings, args)
 
 # %% ../nbs/11_cli.ipynb #0e94a04f
 def add_run_dir(parser): parser.add_argument('run_dir', metavar='RUN_DIR', help='a search run folder')
@@ -239,21 +257,68 @@ def add_run_one_arguments(parser):
     add_run_dir(parser)
     parser.add_argument('--index', type=int, required=True, help='the configuration\'s row in plan.csv')
     parser.add_argument('--retry-failed', action='store_true', help='train it again if it failed (crashed and interrupted ones always resume)')
+    parser.add_argument('--epoch-budget', type=int, default=0, metavar='N',
+                        help='pause it after epoch N, resumably (a halving rung; default: train to max_epochs)')
 
 @command('run-one', 'train configuration K of a planned run (what scheduler array tasks call)', add_run_one_arguments)
 def run_one_command(args):
     from beadseg import search
     config = search.config_for(args.run_dir, args.index)
     settings = read_settings(Path(args.run_dir)/'settings.ini')
-    result = search.run_config(config, settings['search']['timeout'], stdout_log(), settings['search']['retries'], args.retry_failed)
+    result = search.run_config(config, settings['search']['timeout'], stdout_log(), settings['search']['retries'], args.retry_failed,
+                               args.epoch_budget)
     print(f"beadseg run-one: {search.config_id(config)}: {result['status']}" + (f": {result['error']}" if result.get('error') else ''))
     return exit_status(result)  # non-zero unless scored, so the scheduler shows a failed subjob as failed
+
+def add_run_rung_arguments(parser):
+    add_run_dir(parser)
+    parser.add_argument('--rung', type=int, required=True, help='the rung, from 0')
+    parser.add_argument('--slot', type=int, required=True, help="the worker's slot in the rung (its array index)")
+    parser.add_argument('--retry-failed', action='store_true', help='train it again if it failed')
+
+@command('run-rung', 'train the configuration in slot I of rung K of a halving run, decided from rung K-1 (what rung array tasks call)',
+         add_run_rung_arguments)
+def run_rung_command(args):
+    from beadseg import halving, search
+    index, budget = halving.slot_to_train(args.run_dir, args.rung, args.slot)
+    if index is None:
+        print(f'beadseg run-rung: rung {args.rung} slot {args.slot} is spare: only {len(halving.entrants(args.run_dir, args.rung))} '
+              f'configurations were promoted to it (the others early-stopped, diverged or failed); nothing to train')
+        return 0
+    print(f'beadseg run-rung: rung {args.rung} slot {args.slot}: configuration {index} to {budget} epochs', flush=True)
+    args.index, args.epoch_budget = index, budget
+    return run_one_command(args)
 
 @command('collect', "rebuild a run's results files from its configuration folders", add_run_dir)
 def collect_command(args):
     from beadseg.search import collect
     table = collect(args.run_dir)
     print(f'beadseg collect: {args.run_dir}: {summarise(table)}')
+
+# %% ../nbs/11_cli.ipynb #ee531b0b
+def add_confirm_arguments(parser):
+    "`beadseg confirm`'s own arguments (settings flags override the parent's settings.ini)."
+    add_run_dir(parser)
+    parser.add_argument('--top', type=int, default=3, help='how many of its best configurations to confirm (default 3)')
+    parser.add_argument('--folds', type=int, default=5,
+                        help='density-stratified folds of the whole dataset; each validates a different part (default 5)')
+    parser.add_argument('--plan-only', action='store_true', help='create the confirmation run, train nothing (then `beadseg submit` it)')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+
+@command('confirm', "retrain a search's best configurations on F folds and rank them by their mean over folds", add_confirm_arguments)
+def confirm_command(args):
+    "Plan a confirmation run beside RUN_DIR and (unless --plan-only) train it like `beadseg search`."
+    from beadseg import search
+    from beadseg.train import check_config
+    parent = Path(args.run_dir)
+    plan = search.confirmation_plan(parent, args.top, args.folds)  # the refusals that need no data
+    args.settings = args.settings or str(parent/'settings.ini')  # the parent's settings, with the flags given
+    settings = settings_from_args(args)
+    for config in search.plan_configs(settings, plan): check_config(config)
+    run_dir = search.create_confirmation(parent, settings, plan, dataset_ready(search.validation_settings(settings, plan)))
+    print(f'beadseg confirm: {args.top} finalists of {parent} on {args.folds} folds: {len(plan)} configurations planned in {run_dir}',
+          flush=True)
+    if not args.plan_only: return run_planned('confirm', run_dir, settings, args)
 
 # %% ../nbs/11_cli.ipynb #9e2816f5
 def add_submit_arguments(parser):
@@ -409,6 +474,9 @@ def add_bench_arguments(parser):
                         help="only the augmenting input pipeline, with 1, 2 and all cores, at --image-size (default the settings', 512)")
     parser.add_argument('--compile-cache', action='store_true',
                         help='only the first (compiling) training step with XLA: without a cache, with an empty and a filled one')
+    parser.add_argument('--halving', action='store_true',
+                        help='only successive halving against a full grid on the same space, in one run (see bench.HALVING_BENCH); '
+                             '--out is then the folder for both run folders (default runs/bench_halving_<time>)')
     parser.add_argument('--gpu-rate', type=float, default=300.,
                         help='with --pipeline-cores: the GPU training rate (images/s) the cores must feed (default 300)')
 
@@ -424,6 +492,7 @@ def bench_command(args):
     xla = parse('--xla', args.xla, list_of(one_of(('on', 'off', 'auto'))))
     steps, warmup, rounds = (parse(f'--{k}', getattr(args, k), positive_int) for k in ('steps', 'warmup', 'rounds'))
     if args.pipeline_cores: return pipeline_command(args)
+    if args.halving: return halving_bench_command(args)
     for name, value in BENCH_DEFAULTS.items():
         if getattr(args, name) is None: setattr(args, name, value)
     s = settings_from_args(args)
@@ -433,6 +502,22 @@ def bench_command(args):
                         args.out, not args.no_overhead)
     print(bench_table(results))
     return 1 if results['error'].notna().any() else 0
+
+
+def halving_bench_command(args):
+    "`beadseg bench --halving`: the same space as a full grid and as successive halving; epochs, their ratio, the winners."
+    import datetime
+    from beadseg.bench import HALVING_BENCH, HALVING_DATA, halving_bench
+    from beadseg.synthetic import synthesize
+    for name, value in HALVING_BENCH.items():
+        if getattr(args, name) is None: setattr(args, name, value)
+    s = settings_from_args(args)
+    out = Path(args.out or f"runs/bench_halving_{datetime.datetime.now().strftime('%Y%m%d_%H%M%S')}")
+    if args.dataset is None:  # no dataset given: demo-sized synthetic beads, made once in the bench folder
+        s['data']['dataset'] = str(out/'data')
+        if not (out/'data').is_dir(): synthesize(out/'data', **HALVING_DATA, shrink=s['data']['shrink'], seed=s['data']['seed'])
+    summary, said = halving_bench(s, out)
+    print(summary.to_string(float_format=lambda v: f'{v:.3f}'), said, f'table: {out/"halving_bench.csv"}', sep='\n')
 
 
 def pipeline_command(args):
@@ -455,7 +540,7 @@ def pipeline_command(args):
 def compile_command(s:dict):
     "`beadseg bench --compile-cache`: XLA's first-step time without and with a persistent compilation cache."
     from beadseg.bench import compile_cache_table
-    from beadseg.search import config_from_settings
+    from beadseg.runs import config_from_settings
     config = config_from_settings(s, architecture=s['search']['architectures'][0], batch_size=s['search']['batch_sizes'][0],
                                   out_dir='-')
     print(f"first training step with XLA, {config['architecture']} {config['image_size']}x{config['image_size']} "

@@ -95,9 +95,10 @@ SCHEMA = {
     'train': dict(learning_rate=positive_float, patience=non_negative_int, max_epochs=positive_int,
                   dropout=dropout_rate, base_filters=positive_int, micro_batch_size=non_negative_int,
                   mixed_precision=one_of(PRECISION), jit_compile=one_of(AUTO_ON_OFF)),
-    'search': dict(search_type=one_of(('random', 'grid')), architectures=list_of(one_of(ARCHITECTURES)),
+    'search': dict(search_type=one_of(('random', 'grid', 'halving')), architectures=list_of(one_of(ARCHITECTURES)),
                    batch_sizes=list_of(positive_int), loss_functions=list_of(one_of(LOSS_NAMES)),
-                   n_random=positive_int, workers=positive_int, timeout=non_negative_int, retries=non_negative_int),
+                   n_random=positive_int, workers=positive_int, timeout=non_negative_int, retries=non_negative_int,
+                   eta=number(int, 'an integer >= 2', lambda v: v >= 2), min_epochs=positive_int),
     'cluster': dict(modules=text, activate=text, container=text, account=text, array_limit=non_negative_int),
     'pbs': dict(queue=text, walltime=walltime, array_walltime=walltime, ncpus=positive_int,
                 ngpus=non_negative_int, mem=matching(r'(?i)\d+(b|kb|mb|gb|tb)', 'a size such as 240gb')),
@@ -105,7 +106,7 @@ SCHEMA = {
                   gres=text, slurm_mem=matching(r'(?i)\d+[kmgt]?', 'a size such as 240G')),
 }
 KEY_SECTION = {key: section for section, keys in SCHEMA.items() for key in keys}
-OPTIONAL = dict(retries='2', micro_batch_size='0', test_dataset='')  # keys added after runs were made: an older run's settings.ini gets these defaults
+OPTIONAL = dict(retries='2', micro_batch_size='0', test_dataset='', eta='3', min_epochs='30')  # keys added after runs were made: an older run's settings.ini gets these defaults
 
 # %% ../nbs/10_config.ipynb #562f0972
 class SettingsError(ValueError):

@@ -7,8 +7,8 @@ __all__ = ['IMAGE_EXTENSIONS', 'CHANNELS', 'DIHEDRAL', 'read_pixels', 'named', '
            'read_image', 'check_labels', 'mask_instances', 'read_instances', 'shrink_labels', 'read_mask', 'Sample',
            'image_files', 'match_files', 'find_pairs', 'count_beads', 'read_checked', 'check_sample', 'DatasetReport',
            'summarise', 'validate_dataset', 'check_dataset', 'density_bins', 'allocate', 'split_sizes', 'split_dataset',
-           'crops_per_image', 'crops_per_epoch', 'save_split', 'split_report', 'load_split', 'read_labels',
-           'load_arrays']
+           'crops_per_image', 'crops_per_epoch', 'fold_dataset', 'save_split', 'split_report', 'load_split',
+           'read_labels', 'load_arrays']
 
 # %% ../nbs/02_data.ipynb #09ca9efd
 import json, logging
@@ -334,6 +334,25 @@ def crops_per_epoch(summary:dict, # `DatasetReport.summary`
                    ) -> int:
     "Training samples in one epoch: training images times `crops_per_image`."
     return split_sizes(summary['n_images'], val_split)[0] * crops_per_image(summary, image_size)
+
+# %% ../nbs/02_data.ipynb #0897ac3d
+def fold_dataset(stems, # Image stems
+                 bead_counts:dict, # {stem: beads}, e.g. `DatasetReport.bead_counts`
+                 n_folds:int, # Folds, from 2 to the number of images
+                 seed:int, # Same seed, same folds
+                ) -> list:
+    "The validation stems of each of `n_folds` folds, stratified by bead density; every image is in exactly one fold."
+    stems = sorted(stems)
+    if not 2 <= n_folds <= len(stems):
+        raise ValueError(f'{n_folds} folds for {len(stems)} images: cross-validation needs 2 to {len(stems)} folds '
+                         f'(every fold validates at least one image)')
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((rng.permutation(len(stems)), [bead_counts[s] for s in stems]))  # by bead count, ties at random
+    fold = np.empty(len(stems), int)
+    for start in range(0, len(stems), n_folds):  # one round: one image to every fold
+        chunk = order[start:start + n_folds]
+        fold[chunk] = rng.permutation(n_folds)[:len(chunk)]
+    return [[stems[i] for i in np.flatnonzero(fold == k)] for k in range(n_folds)]
 
 # %% ../nbs/02_data.ipynb #d4c5e975
 def save_split(path, # JSON file to write

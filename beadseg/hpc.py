@@ -14,7 +14,8 @@ from pathlib import Path
 from .config import read_settings
 
 # %% ../nbs/05_hpc.ipynb #12cb9735
-from .search import FINISHED, indices_to_run, read_plan, unfinished_indices
+from .runs import FINISHED
+from .search import indices_to_run, read_plan, unfinished_indices
 
 # %% ../nbs/05_hpc.ipynb #b5398ab9
 def index_ranges(indices, # Plan indices
@@ -41,13 +42,14 @@ def array_spec(scheduler:str, # 'pbs', 'torque' or 'slurm'
 # %% ../nbs/05_hpc.ipynb #2a3920da
 SCHEDULERS = ('pbs', 'torque', 'slurm')
 SUMMARY_TIME = '01:00:00'
-NAMES = dict(array='beadseg_array', summary='beadseg_summary', sequential='beadseg_search')  # <= 15 characters, as older PBS and Torque require
+NAMES = dict(array='beadseg_array', rung='beadseg_rung', summary='beadseg_summary', sequential='beadseg_search')  # <= 15 characters, as older PBS and Torque require
 
 def job_time(scheduler:str, job:str, settings:dict) -> str:
-    "The walltime of `job` ('array', 'summary' or 'sequential') from `settings`."
+    "The walltime of `job` ('array', 'rung', 'summary' or 'sequential') from `settings`; a rung's subjob trains one configuration, as an array's does."
     if job == 'summary': return SUMMARY_TIME
-    if scheduler == 'slurm': return settings['slurm']['array_time' if job == 'array' else 'time']
-    return settings['pbs']['array_walltime' if job == 'array' else 'walltime']
+    per_config = job in ('array', 'rung')
+    if scheduler == 'slurm': return settings['slurm']['array_time' if per_config else 'time']
+    return settings['pbs']['array_walltime' if per_config else 'walltime']
 
 def seconds(time:str, # '[D-]HH:MM:SS'
            ) -> int:
@@ -149,6 +151,14 @@ status=0
 run run-one "$run_dir" --index "$index" ${retry:+"$retry"} || status=$?  # non-zero unless scored: the scheduler shows it failed
 finish "$status"
 """,
+    rung=r"""
+echo "== rung $rung, slot $index of $run_dir"
+validate_dataset || { echo "== nothing was trained: fix the dataset, then resubmit" >&2; exit 1; }
+status=0
+# run-rung decides here which configuration this slot trains, from the rung before's results (a spare slot exits 0)
+run run-rung "$run_dir" --rung "$rung" --slot "$index" ${retry:+"$retry"} || status=$?
+finish "$status"
+""",
     summary=r"""
 validate_dataset || echo "== summarising the results anyway"
 status=0
@@ -197,19 +207,21 @@ def check_one_line(value, what:str):
                          f'job scripts cannot use it safely: rename it')
 
 def job_script(scheduler:str, # 'pbs', 'torque' or 'slurm'
-               job:str, # 'array', 'summary' or 'sequential'
+               job:str, # 'array', 'rung', 'summary' or 'sequential'
                run_dir, # The run folder
                settings:dict, # Resources and environment ([pbs], [slurm], [cluster])
                dataset:str, # The dataset folder, as the run's settings.ini names it
-               indices:list=(), # Plan indices of an array job
+               indices:list=(), # Plan indices of an array job; slots of a rung job
                retry_failed:bool=False, # Pass --retry-failed on: failed configurations are trained again
+               rung:int=0, # The rung of a halving run's rung job
               ) -> str:
     "The text of a job script."
     run_dir = Path(run_dir).resolve()
     check_one_line(run_dir, "the run folder's path"); check_one_line(dataset, 'the dataset path')
     for section in ('cluster', 'pbs', 'slurm'):
         for key, value in settings[section].items(): check_one_line(value, f'[{section}] {key}')
-    array = array_spec(scheduler, indices, settings['cluster']['array_limit']) if job == 'array' else ''
+    arrayed = job in ('array', 'rung')  # one configuration per subjob
+    array = array_spec(scheduler, indices, settings['cluster']['array_limit']) if arrayed else ''
     workdir, id_variable = WHERE[scheduler]
     resume = (f'beadseg submit {shlex.quote(str(run_dir))} --scheduler {scheduler}'
               + (' --mode sequential' if job == 'sequential' else ' --only-unfinished') + (' --retry-failed' if retry_failed else ''))
@@ -219,9 +231,9 @@ def job_script(scheduler:str, # 'pbs', 'torque' or 'slurm'
              'set -euo pipefail',
              f'cd "${{{workdir}:?not set: submit this script with {"sbatch" if scheduler == "slurm" else "qsub"}}}"',
              f'run_dir={shlex.quote(str(run_dir))}', f'dataset={shlex.quote(dataset)}',
-             *(which_lines(scheduler, indices) if job == 'array' else []),
+             *(which_lines(scheduler, indices) if arrayed else []), *([f'rung={rung}'] if job == 'rung' else []),
              f'job_id=${{{id_variable}:-none}}',
-             'log="$run_dir/jobs/logs/' + ('config_$index' if job == 'array' else job) + '.log"',
+             'log="$run_dir/jobs/logs/' + dict(array='config_$index', rung=f'rung_{rung}_slot_$index').get(job, job) + '.log"',
              f'resume={shlex.quote(resume)}', *([] if job == 'summary' else ["retry=" + ("--retry-failed" if retry_failed else "''")]),
              f'deadline=$((SECONDS + {limit - min(600, limit // 10)}))  # stop beadseg before the walltime of {limit} s',
              *environment_lines(settings['cluster'])]
@@ -235,18 +247,23 @@ def write_jobs(run_dir, # A planned run
                only_unfinished:bool=False, # Array over the unfinished configurations only (crashed and interrupted ones included)
                retry_failed:bool=False, # Failed configurations count as unfinished, and are trained again
               ) -> dict:
-    "Write the job scripts of `mode` into RUN_DIR/jobs/; {job: path}, empty when nothing is left to run."
+    "Write the job scripts of `mode` into RUN_DIR/jobs/ (a halving run's array mode: one array per rung); {name: path} in submission order, empty when nothing is left to run."
+    from beadseg.halving import is_halving, rung_slots
     run_dir = Path(run_dir)
     if scheduler not in SCHEDULERS: raise ValueError(f"unknown scheduler {scheduler!r} (expected {', '.join(SCHEDULERS)})")
-    indices = indices_to_run(run_dir, retry_failed) if only_unfinished and mode == 'array' else sorted(read_plan(run_dir)['index'])
-    if not indices: return {}
+    if mode == 'sequential': jobs = [('sequential', 'sequential', sorted(read_plan(run_dir)['index']), 0)]
+    elif is_halving(run_dir): jobs = [(f'rung_{k}', 'rung', slots, k) for k, slots in rung_slots(run_dir, only_unfinished, retry_failed)]
+    else: jobs = [('array', 'array', indices_to_run(run_dir, retry_failed) if only_unfinished else sorted(read_plan(run_dir)['index']), 0)]
+    jobs = [job for job in jobs if len(job[2])]
+    if not jobs: return {}
+    if mode == 'array': jobs.append(('summary', 'summary', [], 0))
     dataset = read_settings(run_dir/'settings.ini')['data']['dataset']
     (run_dir/'jobs'/'logs').mkdir(parents=True, exist_ok=True)
     paths = {}
-    for job in (('array', 'summary') if mode == 'array' else ('sequential',)):
-        paths[job] = run_dir/'jobs'/f'{job}.{scheduler}'
-        paths[job].write_text(job_script(scheduler, job, run_dir, settings, dataset, indices, retry_failed))
-        paths[job].chmod(0o755)
+    for name, job, indices, rung in jobs:
+        paths[name] = run_dir/'jobs'/f'{name}.{scheduler}'
+        paths[name].write_text(job_script(scheduler, job, run_dir, settings, dataset, indices, retry_failed, rung))
+        paths[name].chmod(0o755)
     return paths
 
 # %% ../nbs/05_hpc.ipynb #700c37ce
@@ -254,11 +271,9 @@ ARRAY_ID = '<ARRAY_ID>'
 DEPEND = dict(pbs=['-W', 'depend=afterany:{}'], torque=['-W', 'depend=afteranyarray:{}'], slurm=['--dependency=afterany:{}'])
 
 def submit_commands(scheduler:str, paths:dict) -> list:
-    "The argv of each submission, in order; the summary's dependency holds `ARRAY_ID` for the array's job id."
+    "The argv of each submission, in order; each after the first depends on the job submitted just before it, whose id `ARRAY_ID` holds."
     base = ['sbatch', '--parsable'] if scheduler == 'slurm' else ['qsub']
-    commands = [[*base, str(paths.get('array', paths.get('sequential')))]]
-    if 'summary' in paths: commands.append([*base, *[a.format(ARRAY_ID) for a in DEPEND[scheduler]], str(paths['summary'])])
-    return commands
+    return [[*base, *([a.format(ARRAY_ID) for a in DEPEND[scheduler]] if n else []), str(path)] for n, path in enumerate(paths.values())]
 
 def command_line(argv:list) -> str:
     "`argv` as a shell command line, with the `ARRAY_ID` placeholder left readable."
@@ -290,11 +305,11 @@ def submit(run_dir, # A run planned by `beadseg search --plan-only`, or an earli
         print(f'{commands[0][0]} not found on PATH: nothing submitted; the job scripts are in {Path(run_dir)/"jobs"} '
               f'(--dry-run prints the commands)', file=sys.stderr)
         return 1
-    array_id = None
-    for command in commands:
-        command = [a.replace(ARRAY_ID, array_id) for a in command] if array_id else command
+    previous = None
+    for command in commands:  # all at once: no job ever needs to submit another from a compute node
+        command = [a.replace(ARRAY_ID, previous) for a in command] if previous else command
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode: raise ValueError(f'{shlex.join(command)} failed: {(done.stderr or done.stdout).strip()}')
-        array_id = array_id or job_id(scheduler, done.stdout)
-        print(f'submitted {command[-1]} as job {job_id(scheduler, done.stdout)}')
+        previous = job_id(scheduler, done.stdout)
+        print(f'submitted {command[-1]} as job {previous}')
     return 0

@@ -16,7 +16,7 @@ import tifffile, imageio.v3 as iio
 from skimage.measure import regionprops_table
 from skimage.segmentation import find_boundaries, relabel_sequential
 from . import data
-from .search import read_result, write_json, write_csv
+from .runs import read_result, write_json, write_csv
 from .metrics import predicted_objects, match_objects, object_scores
 
 # %% ../nbs/13_predict.ipynb #p005cbec
@@ -134,7 +134,7 @@ def find_model(source, # A .keras file, a configuration folder or a search run f
     p = Path(source)
     if p.is_dir() and (p/'best_hyperparameters.json').is_file() and not (p/'model.keras').is_file():
         best = json.loads((p/'best_hyperparameters.json').read_text())
-        p = p/'configs'/best['config_id']
+        p = p/'configs'/best.get('model_config_id', best['config_id'])  # a confirmation's winner: its best fold's model
     elif p.is_dir() and not (p/'model.keras').is_file():
         hint = '; run `beadseg collect` on it first' if (p/'configs').is_dir() else ''
         raise ValueError(f'{p}: no model.keras and no best_hyperparameters.json: not a configuration or search run folder{hint}')

@@ -7,10 +7,11 @@ __all__ = ['UNFINISHED', 'RANKED', 'CLEAR', 'NAMES', 'SEED_BEST', 'SEED_RANGE', 
            'is_scored', 'scored', 'read_json', 'mark_running', 'read_results_csv', 'load_results', 'Run', 'load_run',
            'searched_factors', 'shown_factors', 'is_continuous', 'levels', 'effect_table', 'interaction_table',
            'eta_squared', 'factor_effects', 'status_counts', 'coverage_statement', 'overview', 'ranked_table',
-           'failures_table', 'best_epoch_gaps', 'training_limits', 'f3', 'noise_level', 'clear_difference', 'noted',
-           'factor_statement', 'batch_statement', 'architecture_statement', 'overfit_statement', 'stopping_statement',
-           'seed_statements', 'boundary_statement', 'images_needed', 'distinguishable_statement', 'collapsed_epochs',
-           'validation_collapses', 'collapse_statement', 'test_statement', 'insights', 'plot_factors', 'plot_heatmap',
+           'failures_table', 'confirmation_view', 'best_epoch_gaps', 'training_limits', 'f3', 'noise_level',
+           'clear_difference', 'noted', 'factor_statement', 'batch_statement', 'architecture_statement',
+           'overfit_statement', 'stopping_statement', 'seed_statements', 'boundary_statement', 'images_needed',
+           'distinguishable_statement', 'collapsed_epochs', 'validation_collapses', 'collapse_statement',
+           'test_statement', 'pruning_statement', 'halving_view', 'insights', 'plot_factors', 'plot_heatmap',
            'plot_intervals', 'plot_learning_curves', 'plot_gaps', 'plot_compute', 'image_html', 'per_image_table',
            'to_html', 'render_report']
 
@@ -24,7 +25,8 @@ import beadseg
 
 # %% ../nbs/06_report.ipynb #0ba1b4a9
 from .config import TEMPLATES
-from .search import SCORE, FACTORS, COLUMNS, result_row, rank_results, results_table, stderr_to
+from .search import SCORE, FACTORS, COLUMNS, result_row, rank_results, results_table
+from .runs import stderr_to
 from .runs import Status, WITH_SCORE as SCORED  # the statuses whose rows carry a validation score
 
 # %% ../nbs/06_report.ipynb #023ff295
@@ -44,7 +46,7 @@ def mark_running(results:pd.DataFrame, # The results table
                 ) -> pd.DataFrame:
     "Pending rows whose configuration folder already has a history.csv become `running`."
     started = results['config_id'].map(lambda c: (Path(run_dir)/'configs'/str(c)/'history.csv').exists())
-    return results.assign(status=results['status'].mask((results['status'] == 'pending') & started, 'running'))
+    return results.assign(status=results['status'].mask((results['status'] == Status.PENDING) & started, Status.RUNNING))
 
 # %% ../nbs/06_report.ipynb #3f900b1f
 def read_results_csv(path) -> pd.DataFrame:
@@ -164,7 +166,7 @@ def factor_effects(results:pd.DataFrame) -> pd.DataFrame:
     return table.sort_values(['eta_squared', 'spread'], ascending=False, na_position='last').set_index('factor')
 
 # %% ../nbs/06_report.ipynb #42b73254
-UNFINISHED = (Status.RUNNING, Status.PENDING, Status.INTERRUPTED, Status.CRASHED)  # `search --resume` continues these
+UNFINISHED = (Status.RUNNING, Status.PENDING, Status.INTERRUPTED, Status.CRASHED, Status.PAUSED)  # `search --resume` continues these
 
 def status_counts(results:pd.DataFrame) -> dict:
     "Number of configurations planned, scored, diverged without a score, failed, and not finished yet (by status)."
@@ -179,9 +181,11 @@ def coverage_statement(results:pd.DataFrame) -> str:
     missing = [f'{c[k]} {k}' for k in UNFINISHED if c[k]]
     broken = [f'{c[k]} {k}' for k in ('failed', 'diverged') if c[k]]
     if c['scored'] == 0: head = f"Nothing has completed yet: none of the {c['planned']} planned configurations has a score"
-    elif not missing and not broken: return f"All {c['planned']} planned configurations completed; the numbers below cover all of them."
+    elif not missing and not broken: head = f"All {c['planned']} planned configurations completed; the numbers below cover all of them"
     else: head = f"The numbers below cover the {c['scored']} of {c['planned']} planned configurations that completed"
     parts = ([f"not finished yet: {' and '.join(missing)}"] if missing else []) + ([' and '.join(broken)] if broken else [])
+    if pruned := int((results['status'] == Status.PRUNED).sum()):  # a halving search: scored where it stopped them
+        parts.append(f'{pruned} of them pruned by successive halving, scored at the rung where they stopped')
     return head + (f" ({'; '.join(parts)})" if parts else '') + '.'
 
 # %% ../nbs/06_report.ipynb #32b4a2f2
@@ -219,6 +223,14 @@ def failures_table(results:pd.DataFrame) -> pd.DataFrame:
     "Failed configurations, and diverged ones without a score, with their reasons."
     bad = (results['status'] == Status.FAILED) | ((results['status'] == Status.DIVERGED) & results[SCORE].isna())
     return results[bad].reindex(columns=['config_id', 'architecture', 'batch_size', 'loss_function', 'status', 'error'])
+
+# %% ../nbs/06_report.ipynb #8af5c9b3
+def confirmation_view(run:Run) -> tuple|None:
+    "(the finalists over folds, the distinguishability sentence) of a confirmation run; None for a search."
+    from beadseg.search import confirmation_summary, is_confirmation
+    if not is_confirmation(run.path): return None
+    summary = confirmation_summary(run.path)
+    return summary['table'].set_index('rank'), summary['statement']
 
 # %% ../nbs/06_report.ipynb #21d2ce71
 def best_epoch_gaps(run:Run, # The run
@@ -444,6 +456,46 @@ def test_statement(test:pd.DataFrame|None) -> str:
             f'Jaccard {f3(b.test_jaccard)} ({f3(b.test_jaccard_ci_low)}-{f3(b.test_jaccard_ci_high)}) and object F1 '
             f'{f3(b.test_object_f1)}, against the best validation Jaccard {f3(b.best_val_jacard)} that selected it. '
             'Validation scores chose the model; test scores measure it.')
+
+# %% ../nbs/06_report.ipynb #c3668451
+def pruning_statement(results:pd.DataFrame, # The results table
+                      summary:pd.DataFrame, # `beadseg.halving.rung_summary` of the run
+                      table:pd.DataFrame, # `beadseg.halving.rung_table` of the run
+                     ) -> str:
+    "What successive halving trained against a full grid, and what its first cut may have cost."
+    n, last = int(summary['configurations'].iloc[0]), int(summary['epochs'].iloc[-1])
+    trained, full = int(summary['epochs_trained'].sum()), n * last
+    out = [f'Successive halving trained {trained:,} epochs, {trained / full:.0%} of the {n} x {last} = {full:,} of a full grid.']
+    first = table[table['rung'] == 0]
+    if first['promoted'].isna().any(): return out[0] + ' Rung 0 has not ended yet: nothing was pruned so far.'
+    promoted, budget, clear = first['promoted'].astype(bool), int(first['budget'].iloc[0]), clear_difference(results)
+    went, cut = first[promoted], first[~promoted & (first['status'] == Status.PAUSED)]  # could have gone on, and did not
+    if len(went) and len(cut):
+        gap = went['best_val_jaccard'].min() - cut['best_val_jaccard'].max()
+        out.append(f"Pruning may have cost the winner: after {budget} epochs, {cut['config_id'].iloc[0]} was pruned only {f3(gap)} "
+                   f"below the last configuration promoted, within the validation noise ({f3(clear)}); with more epochs it "
+                   f"might have overtaken it." if gap < clear else
+                   f"The first cut was clear: after {budget} epochs every pruned configuration was at least {f3(gap)} below the "
+                   f"last one promoted (the validation noise is {f3(clear)}), though a slow starter may still have been lost.")
+    sizes = first['config_id'].map(results.set_index('config_id')['batch_size'])
+    big, small = sizes.max(), sizes.min()
+    if len(went) and big > small:
+        kept, of = int((sizes[went.index] == big).sum()), int((sizes == big).sum())
+        out.append(f'Only {kept} of the {of} batch-{big} configurations went past rung 0 ({kept / len(went):.0%} of those promoted, '
+                   f'{of / len(first):.0%} of those that entered): at equal epochs batch {big} takes {big / small:g}x fewer optimizer '
+                   f'steps than batch {small}, so the first rung may have judged large batches before they had learnt as much; a '
+                   f'larger min_epochs would show whether they catch up.' if kept / len(went) < of / len(first) else
+                   f'Large batches were not pruned out of proportion: {kept} of the {of} batch-{big} configurations went past rung 0.')
+    return ' '.join(out + ['The tables below compare configurations trained for different numbers of epochs (the pruned ones '
+                           'stopped at their rung).'])
+
+def halving_view(run:Run) -> tuple|None:
+    "(the rung table, what pruning saved and may have cost) of a halving search; None for other searches."
+    from beadseg.halving import is_halving, rung_summary, rung_table
+    if not is_halving(run.path): return None
+    summary, table = rung_summary(run.path), rung_table(run.path)
+    went_on = table[table['promoted'].fillna(False).astype(bool)].groupby('rung')['config_id'].agg(', '.join)
+    return summary.assign(promoted_configurations=went_on.reindex(summary.index, fill_value='')), pruning_statement(run.results, summary, table)
 
 # %% ../nbs/06_report.ipynb #420da47b
 def insights(results:pd.DataFrame, # The results table

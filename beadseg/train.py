@@ -20,8 +20,8 @@ import beadseg
 from . import data, pipeline
 from .data import crops_per_image
 from .config import PROJECT_SETTINGS, load_settings
-from .runs import Status, read_result, is_finished, start_result, finish_result
-from .search import PARAMETERS, config_from_settings, config_id, link_or_copy, record_kernel, signals_to, stop_requested
+from .runs import (Status, read_result, is_finished, start_result, finish_result, PARAMETERS, config_from_settings,
+                          config_id, link_or_copy, record_kernel, signals_to, stop_requested)
 from .losses import get_loss, Jaccard, DiceCoef
 from .models import build_model, check_model_args
 from .metrics import score_predictions
@@ -388,8 +388,9 @@ def fit_resumably(config:dict, # The configuration
                   micro_batch:int, # Images per pass; gradients are accumulated to `batch_size`
                   callbacks=(), # More Keras callbacks (the signal handler, the caller's)
                   verbose=2, # Keras' verbosity
+                  epoch_budget:int=0, # Stop after this epoch (a halving rung's budget), resumably; 0: `max_epochs`
                  ) -> tuple:
-    "Build or resume the model and fit it until `max_epochs`, early stopping or a stop; returns (parameters, KeepBest, StopOnNaN)."
+    "Build or resume the model and fit it until `max_epochs` (or `epoch_budget`), early stopping or a stop; returns (parameters, KeepBest, StopOnNaN)."
     phase('building')
     seed_everything(config['seed'])
     ds = lambda samples, training: pipeline.make_dataset(
@@ -404,9 +405,10 @@ def fit_resumably(config:dict, # The configuration
     stopper = ResumableEarlyStopping(config['patience'], history)
     # validation tiles have no known count, so Keras warns at the end of each pass: expected, not a problem
     warnings.filterwarnings('ignore', message='Your input ran out of data')
-    if initial_epoch < config['max_epochs'] and not patience_used_up(history, config['patience']):
+    last = min(epoch_budget or config['max_epochs'], config['max_epochs'])  # early stopping still counts to max_epochs
+    if initial_epoch < last and not patience_used_up(history, config['patience']):
         phase('fitting')
-        model.fit(train_ds, validation_data=val_ds, epochs=config['max_epochs'], initial_epoch=initial_epoch, verbose=verbose,
+        model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=initial_epoch, verbose=verbose,
                   shuffle=False,  # the pipeline shuffles
                   callbacks=[epoch_log, nan, best, ResumePoint(out_dir, best), stopper, *callbacks])
     return model.count_params(), best, nan
@@ -423,11 +425,13 @@ def fit_within_memory(config:dict, # The configuration
                       crops:int, # Training crops per image and epoch
                       callbacks=(), # More Keras callbacks
                       verbose=2, # Keras' verbosity
+                      epoch_budget:int=0, # Pause after this epoch (a halving rung's budget); 0: train to `max_epochs`
                      ) -> tuple:
     "`fit_resumably` in the configured micro-batches, halved after each out-of-memory error; returns (parameters, KeepBest, StopOnNaN, micro-batch)."
     micro = config['micro_batch_size'] or config['batch_size']
     while True:  # out of accelerator memory: halve the micro-batch and accumulate, keeping the batch size
-        try: return (*fit_resumably(config, out_dir, train_samples, val_samples, crops, micro, callbacks, verbose), micro)
+        try: return (*fit_resumably(config, out_dir, train_samples, val_samples, crops, micro, callbacks, verbose,
+                                            epoch_budget), micro)
         except Exception as err:
             if not (out_of_memory(err) and (smaller := smaller_micro_batch(config['batch_size'], micro))): raise
             print(f"out of accelerator memory with micro-batches of {micro}: retrying with {smaller}, accumulating "
@@ -440,12 +444,15 @@ def training_facts(config:dict, # The configuration
                    best:KeepBest, # The fit's `KeepBest`
                    nan:StopOnNaN, # The fit's `StopOnNaN`
                    crops_per_epoch:int, # Training samples per epoch
+                   epoch_budget:int=0, # The fit's epoch budget (a halving rung's); 0: none
                   ) -> dict:
-    "What `result.json` records of a fit: status, epochs, the best epoch and score, and timing."
+    "What `result.json` records of a fit: status (`paused` when it stopped at `epoch_budget`, short of `max_epochs` and of its patience), epochs, the best epoch and score, and timing."
     history = history_frame(out_dir)
     epoch_seconds = float(history.epoch_seconds.median()) if len(history) else None  # leaves out the first epoch's tracing
-    status = (Status.DIVERGED if nan.nan_epoch is not None
-              else Status.EARLY_STOPPED if len(history) and history.epoch.max() < config['max_epochs'] else Status.COMPLETED)
+    last = history.epoch.max() if len(history) else 0
+    paused = epoch_budget and config['max_epochs'] > last >= epoch_budget and not patience_used_up(history, config['patience'])
+    status = (Status.DIVERGED if nan.nan_epoch is not None else Status.PAUSED if paused
+              else Status.EARLY_STOPPED if len(history) and last < config['max_epochs'] else Status.COMPLETED)
     return dict(status=status, epochs_run=len(history), best_epoch=best.best_epoch or None,
                 best_val_jaccard=float(best.best) if best.best_epoch else None,
                 train_seconds=round(float(history.epoch_seconds.sum()), 2) if len(history) else 0.0,
@@ -471,14 +478,15 @@ def train(config:dict, # A configuration (see `PARAMETERS`)
           out_dir=None, # Output folder; default config['out_dir']
           callbacks=(), # Extra Keras callbacks
           verbose=2, # Keras' verbosity: 2 prints one line per epoch
+          epoch_budget:int=0, # Pause after this epoch, resumably and unevaluated (a halving rung's budget); 0: train to the end
          ) -> dict:
-    "Train `config` into `out_dir`, resuming if interrupted; returns the result written to `result.json`."
+    "Train `config` into `out_dir`, resuming if interrupted or paused; returns the result written to `result.json`."
     out_dir = Path(out_dir or config['out_dir']); out_dir.mkdir(parents=True, exist_ok=True)
     if is_finished(out_dir):
         result = read_result(out_dir)
         print(f"{out_dir}: already done (status {result['status']}); nothing to do.")
         return result
-    result = start_result(out_dir, config, config_id(config), **environment())
+    result = start_result(out_dir, config, config_id(config), epoch_budget=epoch_budget or None, **environment())
     with StopOnSignal(out_dir) as term:
         record_kernel(out_dir)  # `run_config` passes signals on to this process, once it can tell it is this one
         try:
@@ -486,10 +494,10 @@ def train(config:dict, # A configuration (see `PARAMETERS`)
             report, train_samples, val_samples = prepare_data(config, out_dir)
             result['dataset_summary'], crops = report.summary, crops_per_image(report.summary, config['image_size'])
             result['params'], best, nan, result['micro_batch_size'] = fit_within_memory(
-                config, out_dir, train_samples, val_samples, crops, (term, *callbacks), verbose)
-            result.update(training_facts(config, out_dir, best, nan, len(train_samples) * crops))
+                config, out_dir, train_samples, val_samples, crops, (term, *callbacks), verbose, epoch_budget)
+            result.update(training_facts(config, out_dir, best, nan, len(train_samples) * crops, epoch_budget))
             if nan.nan_epoch is None: term.check()  # stopped by a signal: the epochs are saved; a rerun evaluates
-            if best.best_epoch: result.update(score_best(config, out_dir, val_samples))
+            if best.best_epoch and result['status'] != Status.PAUSED: result.update(score_best(config, out_dir, val_samples))
             term.deferred = True; phase('writing')  # the work is done: a signal now only stops what follows
         except (Interrupted, BrokenPipeError):  # a stop, or whoever read our output (a killed driver) went away
             term.deferred = True

@@ -75,3 +75,27 @@ def test_compile_cache_times_the_first_step_without_and_with_a_persistent_cache(
     assert [r[0].strip() for r in rows] == ['none', 'empty (filled by this run)', 'filled by the run before']
     for _, first, step, compile_s in rows:
         assert float(first) > float(step) > 0 and float(compile_s) == pytest.approx(float(first) - float(step), abs=0.02)
+
+
+def test_bench_halving_runs_a_grid_and_halving_on_the_same_space_in_one_run(tmp_path):
+    "Two configurations: the grid trains both 2 epochs; halving both 1, then the better one a second (3 epochs in all)."
+    from beadseg.synthetic import synthesize
+    beads = synthesize(tmp_path/'beads', n_images=8, size=128, seed=1)
+    out = tmp_path/'bench'
+    done = run_beadseg('bench', '--halving', '--dataset', beads, '--out', out, '--architectures', 'unet', '--batch-sizes', '4',
+                       '--loss-functions', 'dice,focal', '--max-epochs', '2', '--min-epochs', '1', '--patience', '2', '--workers', '1',
+                       timeout=1200)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    table = pd.read_csv(out/'halving_bench.csv').set_index('search')
+    assert table.configurations.tolist() == [2, 2] and table.full_grid_epochs.tolist() == [4, 4]
+    assert table.epochs.to_dict() == {'grid': 4, 'halving': 3}
+    assert (table.wall_s > 0).all() and (table.ci_low <= table.val_jaccard).all() and (table.val_jaccard <= table.ci_high).all()
+    assert "Halving trained 3 epochs, 75% of the grid's 4 (75% of the 4 of a grid without early stopping)." in done.stdout
+    grid = pd.read_csv(next((out/'grid').glob('*/search_results_final.csv'))).set_index('config_id')
+    halving = pd.read_csv(next((out/'halving').glob('*/search_results_final.csv')))
+    assert sorted(grid.status) == ['completed', 'completed'] and sorted(halving.status) == ['completed', 'pruned']
+    winner, grid_winner = table.winner['halving'], table.winner['grid']
+    if winner == grid_winner: assert f"It found the grid's winner, {grid_winner}." in done.stdout
+    else:  # the verdict follows from the grid's own score of halving's winner and its winner's interval
+        inside = grid.val_jaccard[winner] >= table.ci_low['grid']
+        assert ('within the grid\'s noise' if inside else 'is worse than the grid\'s') in done.stdout

@@ -1,7 +1,7 @@
 "Cluster jobs: directives, exact dry-run commands, array scripts run locally, resubmission, SIGTERM, and a real Slurm."
 import json, os, shutil, signal, socket, subprocess, sys, tempfile, time
 from pathlib import Path
-import pytest
+import pandas as pd, pytest
 from conftest import run_beadseg, ROOT
 from beadseg.config import load_settings, write_settings
 from beadseg.hpc import unfinished_indices
@@ -430,4 +430,108 @@ def test_slurm_runs_a_tiny_search_end_to_end(slurm, tmp_path):
     assert [r['status'] for r in results] == ['completed', 'completed'], shown
     assert (run/'search_results_final.csv').is_file() and (run/'best_hyperparameters.json').is_file(), shown
     assert logs['summary.log'].rstrip().endswith('with exit status 0'), logs['summary.log']
+    assert (tmp_path/'reports'/f'{run.name}.html').is_file(), logs['summary.log']
+
+
+# ---- successive halving: one array per rung (nbs/16_halving.ipynb) ----
+
+def make_halving_run(folder, n=4, statuses=None, min_epochs=1, max_epochs=9):
+    "`make_run` as a halving search: with eta 3, rungs of 1, 3 and 9 epochs for 4, 2 and 1 configurations."
+    run = make_run(folder, n, statuses)
+    settings = load_settings(overrides=dict(search_type='halving', min_epochs=min_epochs, max_epochs=max_epochs, dataset='data'))
+    write_settings(settings, run/'settings.ini')
+    return run
+
+
+@pytest.mark.parametrize('scheduler, depend', [('pbs', '-W depend=afterany:<ARRAY_ID>'),
+                                               ('torque', '-W depend=afteranyarray:<ARRAY_ID>'),
+                                               ('slurm', '--dependency=afterany:<ARRAY_ID>')])
+def test_halving_submits_every_rung_at_once_each_after_the_one_before(tmp_path, scheduler, depend):
+    run = make_halving_run(tmp_path)
+    out = submit(tmp_path, scheduler, '--dry-run')
+    assert out.returncode == 0, out.stderr
+    base = ' '.join(SUBMIT_ARGS[scheduler])
+    assert out.stdout.splitlines()[1:] == [f'{base} run/jobs/rung_0.{scheduler}', f'{base} {depend} run/jobs/rung_1.{scheduler}',
+                                           f'{base} {depend} run/jobs/rung_2.{scheduler}', f'{base} {depend} run/jobs/summary.{scheduler}']
+    arrays = {'pbs': ['#PBS -J 0-3', '#PBS -J 0-1', None], 'torque': ['#PBS -t 0-3', '#PBS -t 0-1', '#PBS -t 0'],
+              'slurm': ['#SBATCH --array=0-3', '#SBATCH --array=0-1', '#SBATCH --array=0']}[scheduler]
+    for rung, array in enumerate(arrays):
+        lines = directive_lines(run/'jobs'/f'rung_{rung}.{scheduler}')
+        assert (array in lines) if array else not any(' -J ' in line for line in lines), lines  # PBS Pro: one slot, no array
+        text = (run/'jobs'/f'rung_{rung}.{scheduler}').read_text()
+        assert f'\nrung={rung}\n' in text and 'run run-rung "$run_dir" --rung "$rung" --slot "$index"' in text
+        assert 'qsub' not in text.replace('submit this script with qsub', '') and 'sbatch' not in text.replace('with sbatch', '')
+    shellcheck = shutil.which('shellcheck', path=f'{VENV_BIN}{os.pathsep}{os.environ["PATH"]}')
+    for path in (run/'jobs').glob(f'rung_*.{scheduler}'):
+        checked = subprocess.run([shellcheck, path], capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout
+
+
+@pytest.mark.parametrize('scheduler, variable', [('pbs', 'PBS_ARRAY_INDEX'), ('torque', 'PBS_ARRAYID')])
+def test_a_pbs_rung_script_runs_its_slot_under_bash(tmp_path, scheduler, variable):
+    run = make_halving_run(tmp_path)
+    assert submit(tmp_path, scheduler, '--dry-run').returncode == 0
+    record = tmp_path/'record.txt'
+    env = {**os.environ, variable: '1', 'PBS_O_WORKDIR': str(tmp_path), 'FAKE_RECORD': str(record),
+           'PATH': f'{fake_bin(tmp_path)}{os.pathsep}{os.environ["PATH"]}'}
+    job = subprocess.run(['bash', str(run/'jobs'/f'rung_1.{scheduler}')], cwd='/', env=env, capture_output=True, text=True, timeout=60)
+    assert job.returncode == 0, job.stdout + job.stderr
+    run_dir = run.resolve()
+    assert record.read_text().splitlines() == [f'validate data --settings {run_dir}/settings.ini', f'run-rung {run_dir} --rung 1 --slot 1']
+    log = (run/'jobs'/'logs'/'rung_1_slot_1.log').read_text()
+    assert f'== rung 1, slot 1 of {run_dir}' in log and log.rstrip().endswith('with exit status 0')
+
+
+def test_only_unfinished_resubmits_per_rung(tmp_path):
+    from beadseg.halving import entrants
+    ids = [f'{i:03d}_unet_bs8_focal' for i in range(4)]
+    paused = lambda score, epochs=1: json.dumps(dict(status='paused', epochs_run=epochs, best_val_jaccard=score))
+    run = make_halving_run(tmp_path, 4, {0: paused(0.1), 1: paused(0.4), 2: paused(0.3), 3: 'crashed'})
+    assert submit(tmp_path, 'slurm', '--dry-run', '--only-unfinished').returncode == 0
+    scripts = sorted(p.name for p in (run/'jobs').glob('*.slurm'))
+    assert scripts == ['rung_0.slurm', 'rung_1.slurm', 'rung_2.slurm', 'summary.slurm']
+    assert '#SBATCH --array=3' in directive_lines(run/'jobs'/'rung_0.slurm')  # the crashed one; the rungs after: every slot
+    assert '#SBATCH --array=0-1' in directive_lines(run/'jobs'/'rung_1.slurm')
+    write_result(run, 3, paused(0.2))
+    assert entrants(run, 1) == [1, 2]  # rung 0 closed: the best two went on, in order (what rung 1's slot 0 does first)
+    write_result(run, 1, json.dumps(dict(status='crashed', crashes=1)))
+    write_result(run, 2, paused(0.35, 3))
+    for path in (run/'jobs').glob('*.slurm'): path.unlink()
+    out = submit(tmp_path, 'slurm', '--dry-run', '--only-unfinished')
+    assert out.returncode == 0, out.stderr
+    assert [line.split()[-1] for line in out.stdout.splitlines()[1:]] == ['run/jobs/rung_1.slurm', 'run/jobs/rung_2.slurm',
+                                                                          'run/jobs/summary.slurm']
+    assert '#SBATCH --array=0' in directive_lines(run/'jobs'/'rung_1.slurm')  # slot 0: configuration 1, which crashed
+    assert json.loads((run/'configs'/ids[0]/'result.json').read_text())['status'] == 'pruned'
+
+
+def test_slurm_runs_a_tiny_halving_search_with_dependent_rung_arrays(slurm, tmp_path):
+    "3 configurations: rung 0 trains all 3 for 1 epoch, rung 1 (which Slurm starts after rung 0's array) continues the best to 2."
+    assert run_beadseg('synth', tmp_path/'beads', '--n-images', '8', '--size', '128').returncode == 0
+    planned = run_beadseg('search', '--plan-only', '--dataset', tmp_path/'beads', '--image-size', '64', '--base-filters', '8',
+                          '--search-type', 'halving', '--min-epochs', '1', '--max-epochs', '2', '--architectures', 'unet',
+                          '--batch-sizes', '4', '--loss-functions', 'dice,combined,focal', '--learning-rate', '1e-3',
+                          cwd=tmp_path, timeout=300)
+    assert planned.returncode == 0, planned.stderr
+    [plan] = tmp_path.rglob('plan.csv')
+    run = plan.parent
+    out = run_beadseg('submit', run.relative_to(tmp_path), '--scheduler', 'slurm',
+                      *slurm_args(f'export PATH={VENV_BIN}:$PATH'), cwd=tmp_path, env=slurm)
+    assert out.returncode == 0, out.stderr
+    ids = [line.split()[-1] for line in out.stdout.splitlines()]
+    assert [line.split()[1] for line in out.stdout.splitlines()] == [f'{run.relative_to(tmp_path)}/jobs/{name}.slurm'
+                                                                     for name in ('rung_0', 'rung_1', 'summary')]
+    wait_for_slurm_jobs(slurm, 900)
+    logs = {p.name: p.read_text() for p in (run/'jobs'/'logs').glob('*.log')}
+    results = {p.parent.name: json.loads(p.read_text()) for p in sorted(run.glob('configs/*/result.json'))}
+    shown = '\n'.join([*(f'== {name}\n{text}' for name, text in sorted(logs.items())),
+                       *(f"{c}: {r.get('status')} {r.get('error')}" for c, r in results.items())])
+    assert sorted(r['status'] for r in results.values()) == ['completed', 'pruned', 'pruned'], shown
+    rungs = pd.read_csv(run/'rungs.csv')
+    [winner] = rungs.config_id[rungs.promoted.eq(True)]
+    assert rungs[rungs.rung == 1].config_id.tolist() == [winner] and results[winner]['epochs_run'] == 2, shown
+    assert f'beadseg run-rung: rung 1 slot 0: configuration ' in logs['rung_1_slot_0.log'], shown
+    for rung_0_slot in range(3): assert slurm_state(slurm, f'{ids[0]}_{rung_0_slot}') == ('COMPLETED', '0:0')
+    assert slurm_state(slurm, f'{ids[1]}_0') == ('COMPLETED', '0:0') and slurm_state(slurm, ids[2]) == ('COMPLETED', '0:0')
+    assert json.loads((run/'best_hyperparameters.json').read_text())['config_id'] == winner
     assert (tmp_path/'reports'/f'{run.name}.html').is_file(), logs['summary.log']

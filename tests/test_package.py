@@ -1,5 +1,7 @@
-"Installed from a wheel, with no source tree: the templates and default settings ship inside the package."
-import os, subprocess, sys, sysconfig, zipfile
+"""Installed from a wheel, with no source tree: the templates and default settings ship inside the package.
+The wheel runs the newcomer's main job, `beadseg demo --quick`, end to end: this is the demo's test too."""
+import json, os, re, subprocess, sys, sysconfig, zipfile
+import pandas as pd
 from pathlib import Path
 from conftest import ROOT
 
@@ -38,7 +40,22 @@ def test_wheel_runs_the_quick_demo_from_another_directory(tmp_path):
     assert where.stdout.startswith(str(site)), where.stdout + where.stderr
     demo = subprocess.run([venv/'bin'/'beadseg', 'demo', '--quick'], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-    assert 'beadseg demo: done' in demo.stdout
-    run, = (work/'runs').glob('hyperparam_comprehensive_*')
-    assert (run/'search_results_final.csv').is_file() and (run/'best_hyperparameters.json').is_file()
-    assert len(list((work/'reports').glob('*.html'))) == 1
+    demo_made_every_artefact(work, demo.stdout)
+
+
+def demo_made_every_artefact(work, stdout):
+    "The newcomer's main job, `beadseg demo` at its smallest settings: every step ran, every artefact is there, and it says where."
+    for step in range(1, 6): assert f'[{step}/5]' in stdout
+    assert 'beadseg demo: done' in stdout
+    dataset = work/'runs'/'demo_quick'/'dataset_shrunk_masks'
+    for folder in ('images', 'masks', 'labels'): assert len(list((dataset/folder).iterdir())) == 12
+    [run] = (work/'runs').glob('hyperparam_comprehensive_*')
+    final = pd.read_csv(run/'search_results_final.csv')
+    assert len(final) == 2 and set(final.status) <= {'completed', 'early_stopped'}
+    assert json.loads((run/'best_hyperparameters.json').read_text())['config_id'] == final.config_id[0]
+    [report] = (work/'reports').glob('*.html')
+    html = report.read_text()
+    assert report.name == f'{run.name}.html' and 'Ranked configurations' in html and final.config_id[0] in html
+    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) >= 1
+    for path in (dataset, run, run/'search_results_final.csv', report):
+        assert str(path.relative_to(work)) in stdout  # says where each artefact is

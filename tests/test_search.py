@@ -261,3 +261,86 @@ def test_an_image_size_dimension_validates_the_data_at_its_smallest_and_refuses_
     assert refused.returncode == 2 and not (tmp_path/'refused').exists()
     assert refused.stderr.strip() == (f'beadseg search: error: image_size 256 is larger than the smallest image side of {beads} '
                                       f'(128 px); plan smaller image sizes')
+
+
+# ---- successive halving (nbs/16_halving.ipynb) ----
+
+HALVING = ('--search-type', 'halving', '--min-epochs', '1', '--max-epochs', '2', '--batch-sizes', '4',
+           '--loss-functions', 'dice,combined,focal')  # rungs of 1 and 2 epochs for 3 and 1 configurations
+
+
+def test_halving_dry_run_prints_the_rungs_and_bad_settings_are_one_line(tmp_path):
+    done = run_beadseg('search', '--dry-run', '--search-type', 'halving', cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-5:] == [
+        'rung 0: 36 configurations to 30 epochs (at most 1,080 epochs)', 'rung 1: 12 configurations to 90 epochs (at most 720 epochs)',
+        'rung 2: 4 configurations to 200 epochs (at most 440 epochs)', "at most 2,240 epochs, 31% of the full grid's 36 x 200 = 7,200",
+        '36 configurations (halving search); nothing was run (--dry-run)']
+    for args, says in [(('--eta', '1'), "--eta = '1': expected an integer >= 2"),
+                       (('--min-epochs', '200'), '[search] min_epochs = 200 is not below [train] max_epochs = 200'),
+                       (('--space', 'max_epochs=50,100'), '[space] max_epochs: a halving search sets the epochs of each rung itself')]:
+        bad = run_beadseg('search', '--dry-run', '--search-type', 'halving', *args, cwd=tmp_path)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert bad.stderr.startswith('beadseg search: error: ' + says), bad.stderr
+
+
+def record(run, config_id, **result):
+    (run/'configs'/config_id).mkdir(parents=True, exist_ok=True)
+    (run/'configs'/config_id/'result.json').write_text(json.dumps(result))
+
+
+def test_run_rung_waits_for_the_rung_before_and_a_spare_slot_exits_0(beads, tmp_path):
+    planned = run_beadseg('search', '--dataset', beads, '--out', tmp_path, '--plan-only', *TINY, *HALVING)
+    assert planned.returncode == 0, planned.stderr
+    run = the_run(tmp_path)
+    ids = pd.read_csv(run/'plan.csv').config_id.tolist()
+    record(run, ids[0], status='nan', epochs_run=1)
+    record(run, ids[1], status='early_stopped', epochs_run=1, best_val_jaccard=0.4)
+    record(run, ids[2], status='running')
+    waiting = run_beadseg('run-rung', run, '--rung', '1', '--slot', '0')
+    assert waiting.returncode == 2 and len(waiting.stderr.strip().splitlines()) == 1, waiting.stderr
+    assert f'rung 0 has not ended (1 running: {ids[2]}, ...)' in waiting.stderr and not (run/'rungs'/'rung_0.csv').exists()
+    record(run, ids[2], status='failed', error='an error')
+    spare = run_beadseg('run-rung', run, '--rung', '1', '--slot', '0')  # nobody could go on: the one slot of rung 1 is spare
+    assert spare.returncode == 0, spare.stderr
+    assert spare.stdout.strip() == ('beadseg run-rung: rung 1 slot 0 is spare: only 0 configurations were promoted to it '
+                                    '(the others early-stopped, diverged or failed); nothing to train')
+    assert not pd.read_csv(run/'rungs'/'rung_0.csv').promoted.any()
+    beyond = run_beadseg('run-rung', run, '--rung', '1', '--slot', '1')
+    assert beyond.returncode == 2 and 'no slot 1 in rung 1 (slots 0 to 0)' in beyond.stderr
+
+
+def test_halving_trains_rungs_in_order_continues_the_best_and_resumes_at_the_open_rung(beads, tmp_path):
+    out = tmp_path/'runs'
+    exe = os.path.join(os.path.dirname(sys.executable), 'beadseg')
+    driver = subprocess.Popen([exe, 'search', '--dataset', str(beads), '--out', str(out), *TINY, *HALVING, '--workers', '2'],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.time() + 500
+    while time.time() < end and not list(out.glob('*/rungs/rung_0.csv')):  # rung 0 has ended and been decided
+        assert driver.poll() is None, driver.communicate()
+        time.sleep(0.2)
+    driver.terminate()  # stop the search in rung 1 (or before it starts)
+    stopped = driver.communicate(timeout=300)
+    assert driver.returncode == 1, stopped  # unfinished: the finalist has not ended rung 1
+    run = the_run(out)
+    done = run_beadseg('search', '--resume', run, '--no-progress', timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert '2 pruned, 1 completed' in done.stdout
+    rungs = pd.read_csv(run/'rungs.csv')
+    assert rungs[['rung', 'budget']].values.tolist() == [[0, 1]] * 3 + [[1, 2]]
+    first, second = rungs[rungs.rung == 0], rungs[rungs.rung == 1]
+    assert first.promoted.tolist() == [True, False, False] and (first.epochs == 1).all() and (first.status == 'paused').all()
+    assert first.best_val_jaccard.is_monotonic_decreasing  # ranked best first; the best went on
+    [winner] = second.config_id
+    assert winner == first.config_id.iloc[0] and second.epochs.tolist() == [2] and second.status.tolist() == ['completed']
+    final = pd.read_csv(run/'search_results_final.csv').set_index('config_id')
+    assert final.status.to_dict() == {winner: 'completed', **{c: 'pruned' for c in first.config_id[1:]}}
+    assert final.epochs_run.to_dict() == {winner: 2, **{c: 1 for c in first.config_id[1:]}}
+    assert final.val_jaccard[winner] >= 0 and final.val_jaccard.drop(winner).isna().all()  # only the finalist is evaluated
+    # the finalist continued from its rung-0 resume point: each epoch trained once, none twice
+    epochs = [json.loads(line)['epoch'] for line in (run/'configs'/winner/'state'/'epochs.jsonl').read_text().splitlines()]
+    assert epochs == [1, 2], epochs
+    assert json.loads((run/'best_hyperparameters.json').read_text())['config_id'] == winner
+    log = (run/'search.log').read_text()
+    assert 'start: 4 of 4 rung trainings to run, 2 at a time' in log and 'resume: 1 of 4 rung trainings to run' in log
+    assert log.count('rung 0: 3 configurations to 1 epochs') == 1  # not trained again on resume
