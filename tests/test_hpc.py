@@ -535,3 +535,26 @@ def test_slurm_runs_a_tiny_halving_search_with_dependent_rung_arrays(slurm, tmp_
     assert slurm_state(slurm, f'{ids[1]}_0') == ('COMPLETED', '0:0') and slurm_state(slurm, ids[2]) == ('COMPLETED', '0:0')
     assert json.loads((run/'best_hyperparameters.json').read_text())['config_id'] == winner
     assert (tmp_path/'reports'/f'{run.name}.html').is_file(), logs['summary.log']
+
+
+def test_confirm_through_a_real_slurm(slurm, tmp_path):
+    "A confirmation of a finished search, planned with --plan-only and trained as a Slurm array (one finalist, two folds); the summary job collects and reports it."
+    from test_confirm import scored_search
+    parent = scored_search(tmp_path, [0.3, 0.5])
+    planned = run_beadseg('confirm', parent, '--top', '1', '--folds', '2', '--plan-only', cwd=tmp_path)
+    assert planned.returncode == 0, planned.stderr
+    [run] = parent.parent.glob(f'{parent.name}_confirm_*')
+    out = run_beadseg('submit', run.relative_to(tmp_path), '--scheduler', 'slurm', *slurm_args(f'export PATH={VENV_BIN}:$PATH'),
+                      cwd=tmp_path, env=slurm)
+    assert out.returncode == 0, out.stderr
+    wait_for_slurm_jobs(slurm, 900)
+    logs = '\n'.join(f'== {p.name}\n{p.read_text()}' for p in sorted((run/'jobs'/'logs').glob('*.log')))
+    statuses = [json.loads(p.read_text())['status'] for p in sorted(run.glob('configs/*/result.json'))]
+    assert statuses == ['completed'] * 2, logs
+    table = pd.read_csv(run/'confirm_results.csv')
+    assert table.config_id.tolist() == ['001_unet_bs2_focal'] and table.folds_scored.tolist() == [2], logs
+    best = json.loads((run/'best_hyperparameters.json').read_text())
+    assert best['config_id'] == '001_unet_bs2_focal', logs
+    report = (tmp_path/'reports'/f'{run.name}.html').read_text()
+    assert 'Cross-validated finalists' in report and best['config_id'] in report, logs
+
