@@ -309,9 +309,9 @@ def add_confirm_arguments(parser):
 def confirm_command(args):
     "Plan a confirmation run beside RUN_DIR and (unless --plan-only) train it like `beadseg search`."
     from beadseg import search
-    from beadseg.train import check_config
     parent = Path(args.run_dir)
-    plan = search.confirmation_plan(parent, args.top, args.folds)  # the refusals that need no data
+    plan = search.confirmation_plan(parent, args.top, args.folds)  # the refusals that need no data (nor TensorFlow)
+    from beadseg.train import check_config
     args.settings = args.settings or str(parent/'settings.ini')  # the parent's settings, with the flags given
     settings = settings_from_args(args)
     for config in search.plan_configs(settings, plan): check_config(config)
