@@ -122,12 +122,12 @@ def add_train_arguments(parser):
 def check_or_record(config:dict):
     "Check `config` before any notebook runs; if it cannot train, record that in its result.json and raise."
     from beadseg.runs import record_failure
-    from beadseg.runs import config_id
+    from beadseg.runs import run_config_id
     from beadseg.train import check_config
     try: check_config(config)
     except ValueError as err:
         Path(config['out_dir']).mkdir(parents=True, exist_ok=True)
-        record_failure(config['out_dir'], config, config_id(config), str(err))
+        record_failure(config['out_dir'], config, run_config_id(config), str(err))
         raise
 
 def stdout_log():
@@ -267,7 +267,7 @@ def run_one_command(args):
     settings = read_settings(Path(args.run_dir)/'settings.ini')
     result = search.run_config(config, settings['search']['timeout'], stdout_log(), settings['search']['retries'], args.retry_failed,
                                args.epoch_budget)
-    print(f"beadseg run-one: {search.config_id(config)}: {result['status']}" + (f": {result['error']}" if result.get('error') else ''))
+    print(f"beadseg run-one: {search.run_config_id(config)}: {result['status']}" + (f": {result['error']}" if result.get('error') else ''))
     return exit_status(result)  # non-zero unless scored, so the scheduler shows a failed subjob as failed
 
 def add_run_rung_arguments(parser):

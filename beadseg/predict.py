@@ -342,7 +342,8 @@ def score_top(run_dir, # A search run folder, collected
               refresh:bool=False, # Evaluate again even where an up-to-date evaluation.json is there
              ) -> pd.DataFrame:
     "Test-set scores of the `top` configurations of a search run, also written to RUN_DIR/test_results.csv."
-    from beadseg.search import FACTORS, SCORE, SCORED
+    from beadseg.search import SCORE, plan_factors
+    from beadseg.runs import SCORED
     run_dir = Path(run_dir)
     ranked = run_dir/'search_results_final.csv'
     if not ranked.is_file(): raise ValueError(f'{ranked}: not there; run `beadseg collect {run_dir}` first')
@@ -353,7 +354,7 @@ def score_top(run_dir, # A search run folder, collected
         folder = run_dir/'configs'/row.config_id
         e = (None if refresh else earlier_evaluation(folder, dataset)) or evaluate_model(folder, dataset)
         ci = lambda k, i: (e.get(f'{k}_ci') or [None, None])[i]
-        rows.append(dict(config_id=row.config_id, **{k: row[k] for k in FACTORS}, best_val_jacard=float(row[SCORE]),
+        rows.append(dict(config_id=row.config_id, **{k: row[k] for k in plan_factors(table)}, best_val_jacard=float(row[SCORE]),
                          test_jaccard=e['jaccard'], test_jaccard_ci_low=ci('jaccard', 0), test_jaccard_ci_high=ci('jaccard', 1),
                          test_dice=e['dice'], test_object_f1=e['object_f1'], test_object_f1_ci_low=ci('object_f1', 0),
                          test_object_f1_ci_high=ci('object_f1', 1), test_count_mae=e['count_mae'], n_test_images=e['n_images']))

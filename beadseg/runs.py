@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['SCORED', 'FINISHED', 'RETRYABLE', 'WITH_SCORE', 'PARAMETERS', 'ABBREVIATIONS', 'STOP_FILE', 'Status', 'tmp_name',
            'write_json', 'write_csv', 'read_result', 'is_finished', 'now', 'write_result', 'start_result',
-           'finish_result', 'record_failure', 'config_from_settings', 'short_value', 'config_id', 'stderr_to',
-           'signals_to', 'config_lock', 'request_stop', 'stop_requested', 'process_stat', 'record_kernel', 'our_kernel',
-           'link_or_copy']
+           'finish_result', 'record_failure', 'config_from_settings', 'short_value', 'config_id', 'run_config_id',
+           'stderr_to', 'signals_to', 'config_lock', 'request_stop', 'stop_requested', 'process_stat', 'record_kernel',
+           'our_kernel', 'link_or_copy']
 
 # %% ../nbs/14_runs.ipynb #68ae94b5
 import contextlib, datetime, fcntl, json, os, re, shutil, signal, sys, threading
@@ -126,6 +126,12 @@ def config_id(config:dict, # A configuration (or a plan row)
     "A short readable name for `config`'s searched choices, e.g. `attention_resunet_bs16_focal_tversky` (`..._lr1e-04_is256` with `extra`)."
     return (f"{config['architecture']}_bs{config['batch_size']}_{config['loss_function']}"
             + ''.join(f'_{ABBREVIATIONS.get(k, k)}{short_value(config[k])}' for k in extra))
+
+# %% ../nbs/14_runs.ipynb #59ad889e
+def run_config_id(config:dict) -> str:
+    "The id of `config` in its run: its folder's name in a search (RUN_DIR/configs/ID names every searched dimension), else `config_id`."
+    out = Path(config.get('out_dir') or '.')
+    return out.name if out.parent.name == 'configs' else config_id(config)
 
 # %% ../nbs/14_runs.ipynb #7198758c
 STOP_FILE = 'stop'  # written in a configuration's folder by `run_config` when it is asked to stop

@@ -23,7 +23,7 @@ from .config import PROJECT_SETTINGS, SPACE_KEYS, TEMPLATES, Distribution, load_
 
 # %% ../nbs/04_search.ipynb #8c4f19cb
 from .runs import (Status, SCORED, FINISHED, RETRYABLE, tmp_name, write_json, write_csv, write_result,
-                          read_result, is_finished, PARAMETERS, ABBREVIATIONS, config_from_settings, short_value, config_id,
+                          read_result, is_finished, PARAMETERS, ABBREVIATIONS, config_from_settings, short_value, config_id, run_config_id,
                           STOP_FILE, stderr_to, signals_to, config_lock, request_stop, stop_requested, process_stat,
                           record_kernel, our_kernel, link_or_copy)
 
@@ -284,7 +284,7 @@ def run_config(config:dict, # The configuration; its `out_dir` is where everythi
                         print(f'beadseg: the kernel did not start ({reason}; see kernel.log); '
                               f'starting it again ({attempt + 1} of {KERNEL_STARTS})', flush=True)
                         continue
-                    result = read_result(out_dir) or dict(config=config, config_id=config_id(config))
+                    result = read_result(out_dir) or dict(config=config, config_id=run_config_id(config))
                     if not kernel_ran(out_dir/'train.ipynb'): reason = f'the kernel did not start in {attempt} tries: {reason}'
                     write_result(out_dir, after_failure(result, err, reason, bool(stopped), retries))
                     break

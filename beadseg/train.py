@@ -21,7 +21,7 @@ from . import data, pipeline
 from .data import crops_per_image
 from .config import PROJECT_SETTINGS, load_settings
 from .runs import (Status, read_result, is_finished, start_result, finish_result, PARAMETERS, config_from_settings,
-                          config_id, link_or_copy, record_kernel, signals_to, stop_requested)
+                          config_id, run_config_id, link_or_copy, record_kernel, signals_to, stop_requested)
 from .losses import get_loss, Jaccard, DiceCoef
 from .models import build_model, check_model_args
 from .metrics import score_predictions
@@ -486,7 +486,7 @@ def train(config:dict, # A configuration (see `PARAMETERS`)
         result = read_result(out_dir)
         print(f"{out_dir}: already done (status {result['status']}); nothing to do.")
         return result
-    result = start_result(out_dir, config, config_id(config), epoch_budget=epoch_budget or None, **environment())
+    result = start_result(out_dir, config, run_config_id(config), epoch_budget=epoch_budget or None, **environment())
     with StopOnSignal(out_dir) as term:
         record_kernel(out_dir)  # `run_config` passes signals on to this process, once it can tell it is this one
         try:

@@ -242,7 +242,10 @@ def test_a_real_search_over_base_filters_has_the_dimension_in_its_results(beads,
     assert table.set_index('config_id').base_filters.to_dict() == {'000_unet_bs4_dice_bf4': 4, '001_unet_bs4_dice_bf8': 8}
     assert set(table.status) <= {'completed', 'early_stopped'}
     result = json.loads((the_run(out)/'configs'/'000_unet_bs4_dice_bf4'/'result.json').read_text())
-    assert result['config']['base_filters'] == 4
+    assert result['config']['base_filters'] == 4 and result['config_id'] == '000_unet_bs4_dice_bf4'  # the run's id, naming the dimension
+    from beadseg.predict import score_top  # as [data] test_dataset does: the test table names the dimension too
+    tested = score_top(the_run(out), beads, top=2)
+    assert tested.set_index('config_id').base_filters.to_dict() == {'000_unet_bs4_dice_bf4': 4, '001_unet_bs4_dice_bf8': 8}
     assert table.set_index('config_id').params['000_unet_bs4_dice_bf4'] < table.set_index('config_id').params['001_unet_bs4_dice_bf8']
     report = run_beadseg('report', the_run(out), '--out', tmp_path/'reports', timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
