@@ -446,4 +446,5 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'beadseg.train.smaller_micro_batch': ('train.html#smaller_micro_batch', 'beadseg/train.py'),
                                'beadseg.train.train': ('train.html#train', 'beadseg/train.py'),
                                'beadseg.train.training_facts': ('train.html#training_facts', 'beadseg/train.py'),
-                               'beadseg.train.weights_checksum': ('train.html#weights_checksum', 'beadseg/train.py')}}}
+                               'beadseg.train.weights_checksum': ('train.html#weights_checksum', 'beadseg/train.py'),
+                               'beadseg.train.xla_on': ('train.html#xla_on', 'beadseg/train.py')}}}

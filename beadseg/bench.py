@@ -17,7 +17,7 @@ from . import data, pipeline
 from .losses import LOSSES
 from .models import build_model
 from .runs import config_from_settings, stderr_to, write_csv
-from .train import build_or_resume, check_config, device_name, dtype_policy, peak_memory_mb, resolve_switch, seed_everything
+from .train import build_or_resume, check_config, device_name, dtype_policy, peak_memory_mb, xla_on
 
 # %% ../nbs/08_bench.ipynb #a5a8a38f
 def conv_flops(model:keras.Model, # A model built with a fixed input size
@@ -78,7 +78,7 @@ def bench_config(config:dict, # A training configuration (`config_from_settings`
     "Throughput of `config` through the real pipeline, from memory, and of the pipeline alone; step times, FLOPs, memory."
     B, rounds = config['batch_size'], min(rounds, steps)
     samples = samples[:len(samples) // B * B]
-    seed_everything(config['seed'])
+    keras.utils.set_random_seed(config['seed'])  # not `seed_everything`: its deterministic ops would turn XLA off on a CPU
     ds = pipeline.make_dataset(samples, config['image_size'], B, training=True, augment=config['augment'], seed=config['seed'],
                            shrink=config['shrink'], color=config['color']).repeat()
     if tf.config.list_physical_devices('GPU'): tf.config.experimental.reset_memory_stats('GPU:0')
@@ -167,7 +167,7 @@ def run_bench(settings:dict, # As `load_settings` returns
             row = dict(device=device, **{k: config[k] for k in ('architecture', 'image_size', 'base_filters', 'batch_size',
                                                                   'loss_function', 'augment')},
                        precision={'mixed_float16': 'mixed', 'mixed_bfloat16': 'bfloat16'}.get(p := dtype_policy(config['mixed_precision']), p),
-                       xla='on' if resolve_switch(config['jit_compile']) else 'off', steps=steps, dataset=described,
+                       xla='on' if xla_on(config['jit_compile']) else 'off', steps=steps, dataset=described,
                        kernel_start_s=kernel_s, validation_s=validation_s, error=None)
             print(f"[{i}/{len(configs)}] {row['architecture']} {image_size}x{image_size} batch {row['batch_size']} "
                   f"{row['precision']} xla {row['xla']}", end=' ... ', flush=True)
