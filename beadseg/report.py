@@ -330,8 +330,9 @@ def stopping_statement(results:pd.DataFrame, # The results table
                        patience:int|None=None, # The patience trained with
                        max_epochs:int|None=None, # The epoch cap
                       ) -> str:
-    "The typical best and stopping epoch against the patience and epoch cap."
+    "The typical best and stopping epoch against the patience and epoch cap (of the configurations a halving search did not prune)."
     s = scored(results)
+    s = s[s['status'] != Status.PRUNED]  # stopped by a halving rung, not by early stopping or the cap
     best, run = pd.to_numeric(s['best_epoch'], errors='coerce').dropna(), pd.to_numeric(s['epochs_run'], errors='coerce').dropna()
     if best.empty: return 'No best epochs recorded yet.'
     text = f'The median best epoch is {best.median():.0f} (range {best.min():.0f}-{best.max():.0f})'
@@ -486,8 +487,8 @@ def pruning_statement(results:pd.DataFrame, # The results table
                    f'steps than batch {small}, so the first rung may have judged large batches before they had learnt as much; a '
                    f'larger min_epochs would show whether they catch up.' if kept / len(went) < of / len(first) else
                    f'Large batches were not pruned out of proportion: {kept} of the {of} batch-{big} configurations went past rung 0.')
-    return ' '.join(out + ['The tables below compare configurations trained for different numbers of epochs (the pruned ones '
-                           'stopped at their rung).'])
+    return ' '.join(out + [f'The factor tables and effects compare configurations trained for different numbers of epochs (the '
+                           f'pruned ones stopped at their rung); RUN_DIR/rungs.csv compares all of them at rung 0, after {budget} epochs.'])
 
 def halving_view(run:Run) -> tuple|None:
     "(the rung table, what pruning saved and may have cost) of a halving search; None for other searches."

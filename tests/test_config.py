@@ -14,7 +14,7 @@ def test_project_settings_hold_the_seed_defaults():
                               mixed_precision='auto', jit_compile='auto')
     assert s['search'] == dict(search_type='random', architectures=['unet', 'resunet', 'attention_resunet'],
                                batch_sizes=[8, 16, 32], loss_functions=['focal', 'combined', 'focal_tversky', 'combined_tversky'],
-                               n_random=30, workers=1, timeout=0, retries=2)
+                               n_random=30, workers=1, timeout=0, retries=2, eta=3, min_epochs=30)
     assert s['pbs'] == dict(queue='', walltime='48:00:00', array_walltime='12:00:00', ncpus=36, ngpus=1, mem='240gb')
     assert s['slurm']['time'] == '48:00:00' and s['slurm']['gres'] == 'gpu:1'
     assert s['cluster'] == dict(modules='', activate='', container='', account='', array_limit=0)
@@ -119,3 +119,16 @@ def test_find_settings_order(tmp_path, monkeypatch):
 def test_every_key_is_a_unique_flag():
     keys = [k for section in SCHEMA.values() for k in section]
     assert len(keys) == len(set(keys))
+
+
+def test_halving_settings_are_checked_and_an_older_run_gets_their_defaults(tmp_path):
+    s = load_settings(overrides=dict(search_type='halving', eta='2', min_epochs='10'))['search']
+    assert (s['search_type'], s['eta'], s['min_epochs']) == ('halving', 2, 10)
+    for key, value, says in [('eta', '1', "--eta = '1': expected an integer >= 2"),
+                             ('min_epochs', '0', "--min-epochs = '0': expected a positive integer"),
+                             ('search_type', 'hyperband', "--search-type = 'hyperband': expected one of random, grid, halving")]:
+        with pytest.raises(SettingsError) as err: load_settings(overrides={key: value})
+        assert str(err.value) == says
+    older = tmp_path/'settings.ini'  # a run made before halving existed has neither key
+    older.write_text(re.sub(r'^(eta|min_epochs) = .*\n', '', PROJECT_SETTINGS.read_text(), flags=re.M))
+    assert (read_settings(older)['search']['eta'], read_settings(older)['search']['min_epochs']) == (3, 30)
