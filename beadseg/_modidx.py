@@ -345,6 +345,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'beadseg.search.dead_run_one': ('search.html#dead_run_one', 'beadseg/search.py'),
                                 'beadseg.search.die_with_parent': ('search.html#die_with_parent', 'beadseg/search.py'),
                                 'beadseg.search.draw': ('search.html#draw', 'beadseg/search.py'),
+                                'beadseg.search.execute_notebook': ('search.html#execute_notebook', 'beadseg/search.py'),
                                 'beadseg.search.failure_reason': ('search.html#failure_reason', 'beadseg/search.py'),
                                 'beadseg.search.finalists': ('search.html#finalists', 'beadseg/search.py'),
                                 'beadseg.search.fold_scores': ('search.html#fold_scores', 'beadseg/search.py'),

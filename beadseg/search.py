@@ -6,12 +6,12 @@
 __all__ = ['FACTORS', 'SEED_ID', 'STEPS', 'TEMPLATE', 'KERNEL_STARTS', 'SCORE', 'COLUMNS', 'CONFIRM_FILE', 'search_space',
            'varied', 'grid', 'draw', 'make_plan', 'plan_factors', 'create_run', 'read_plan', 'config_for', 'choices',
            'plan_configs', 'unfinished_indices', 'validation_settings', 'check_plan', 'failure_reason', 'kernel_ran',
-           'after_failure', 'stops_forwarded', 'notebook_output_to', 'run_config', 'result_row', 'table_columns',
-           'rank_results', 'results_table', 'is_confirmation', 'collect', 'score_test_set', 'share_split',
-           'share_compilation_cache', 'gpu_count', 'die_with_parent', 'search_logger', 'best_so_far', 'indices_to_run',
-           'dead_run_one', 'Driver', 'run_search', 'finalists', 'confirmation_plan', 'create_confirmation',
-           't_interval', 'fold_scores', 'paired_difference', 'confirmation_table', 'confirmation_summary',
-           'confirmation_statement', 'write_confirmation']
+           'after_failure', 'stops_forwarded', 'notebook_output_to', 'execute_notebook', 'run_config', 'result_row',
+           'table_columns', 'rank_results', 'results_table', 'is_confirmation', 'collect', 'score_test_set',
+           'share_split', 'share_compilation_cache', 'gpu_count', 'die_with_parent', 'search_logger', 'best_so_far',
+           'indices_to_run', 'dead_run_one', 'Driver', 'run_search', 'finalists', 'confirmation_plan',
+           'create_confirmation', 't_interval', 'fold_scores', 'paired_difference', 'confirmation_table',
+           'confirmation_summary', 'confirmation_statement', 'write_confirmation']
 
 # %% ../nbs/04_search.ipynb #c1700b14
 import contextlib, ctypes, datetime, fcntl, itertools, json, logging, math, os, random, re, shutil, signal, statistics, subprocess, sys, threading, time
@@ -243,6 +243,30 @@ def notebook_output_to(log:logging.Handler|None):
     finally:
         if log is not None: notebook_log.removeHandler(log)
 
+def execute_notebook(parameters:dict, # The training template's parameters; `out_dir` is where it runs
+                     timeout:int, # Seconds the training may run; 0: no limit
+                     log:logging.Handler|None, # Where the notebook's output goes
+                     stopped:list, # Signals received so far (`stops_forwarded`)
+                    ) -> tuple[Exception, str]|None:
+    "Run the training template through papermill, starting its kernel again (up to `KERNEL_STARTS` times) if it dies before running a cell; the last error and its reason in one line, or None."
+    import papermill
+    out_dir = Path(parameters['out_dir'])
+    for attempt in range(1, KERNEL_STARTS + 1):
+        try:
+            print('beadseg phase: starting kernel', flush=True)
+            with stderr_to(out_dir/'kernel.log'):
+                papermill.execute_notebook(str(TEMPLATE), str(out_dir/'train.ipynb'), parameters=parameters, kernel_name='python3',
+                                           execution_timeout=timeout or None, progress_bar=False, log_output=log is not None,
+                                           cwd=str(out_dir))
+            return None
+        except Exception as err:
+            reason, started = failure_reason(err, timeout), kernel_ran(out_dir/'train.ipynb')
+            if started or stopped: return err, reason
+            if attempt == KERNEL_STARTS: return err, f'the kernel did not start in {attempt} tries: {reason}'
+            # e.g. two kernels started at once on one node and both took the same free port: start it again
+            print(f'beadseg: the kernel did not start ({reason}; see kernel.log); starting it again ({attempt + 1} of {KERNEL_STARTS})',
+                  flush=True)
+
 def run_config(config:dict, # The configuration; its `out_dir` is where everything goes
                timeout:int=0, # Seconds the training may run; 0: no limit
                log:logging.Handler=None, # Where the notebook's output goes, line by line; None: nowhere
@@ -251,7 +275,6 @@ def run_config(config:dict, # The configuration; its `out_dir` is where everythi
                epoch_budget:int=0, # Pause it after this epoch (a halving rung's budget); 0: train to the end
               ) -> dict:
     "Run the template notebook for `config` through papermill; returns its `result.json`."
-    import papermill
     out_dir = Path(config['out_dir']).resolve(); out_dir.mkdir(parents=True, exist_ok=True)
     config = dict(config, dataset=str(Path(config['dataset']).resolve()), out_dir=str(out_dir))
     os.environ['PATH'] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -269,25 +292,9 @@ def run_config(config:dict, # The configuration; its `out_dir` is where everythi
         for stale in ('kernel.pid', STOP_FILE): (out_dir/stale).unlink(missing_ok=True)
         share_split(out_dir); share_compilation_cache(out_dir)
         with stops_forwarded(out_dir) as stopped, notebook_output_to(log):
-            for attempt in range(1, KERNEL_STARTS + 1):
-                try:
-                    print('beadseg phase: starting kernel', flush=True)
-                    with stderr_to(out_dir/'kernel.log'):
-                        papermill.execute_notebook(str(TEMPLATE), str(out_dir/'train.ipynb'), parameters=dict(config, epoch_budget=epoch_budget),
-                                                   kernel_name='python3', execution_timeout=timeout or None, progress_bar=False,
-                                                   log_output=log is not None, cwd=str(out_dir))
-                    break
-                except Exception as err:
-                    reason = failure_reason(err, timeout)
-                    if attempt < KERNEL_STARTS and not stopped and not kernel_ran(out_dir/'train.ipynb'):
-                        # e.g. two kernels started at once on one node and both took the same free port: start it again
-                        print(f'beadseg: the kernel did not start ({reason}; see kernel.log); '
-                              f'starting it again ({attempt + 1} of {KERNEL_STARTS})', flush=True)
-                        continue
-                    result = read_result(out_dir) or dict(config=config, config_id=run_config_id(config))
-                    if not kernel_ran(out_dir/'train.ipynb'): reason = f'the kernel did not start in {attempt} tries: {reason}'
-                    write_result(out_dir, after_failure(result, err, reason, bool(stopped), retries))
-                    break
+            if failure := execute_notebook(dict(config, epoch_budget=epoch_budget), timeout, log, stopped):
+                (err, reason), result = failure, read_result(out_dir) or dict(config=config, config_id=run_config_id(config))
+                write_result(out_dir, after_failure(result, err, reason, bool(stopped), retries))
     return read_result(out_dir) or dict(config=config, status=Status.FAILED, error='the notebook wrote no result.json')
 
 # %% ../nbs/04_search.ipynb #9f992269

@@ -410,31 +410,6 @@ def test_slurm_array_and_summary_with_a_stand_in(slurm, tmp_path):
     assert list((run/'jobs'/'logs').glob('slurm-*.out'))  # Slurm wrote its own output where --output said, despite the path
 
 
-def test_slurm_runs_a_tiny_search_end_to_end(slurm, tmp_path):
-    "A real 2-configuration search planned by beadseg, trained as a Slurm array, collected and reported by the summary job."
-    assert run_beadseg('synth', tmp_path/'beads', '--n-images', '8', '--size', '128').returncode == 0
-    planned = run_beadseg('search', '--plan-only', '--dataset', tmp_path/'beads', '--image-size', '64', '--base-filters', '8',
-                          '--max-epochs', '2', '--n-random', '2', '--architectures', 'unet', '--batch-sizes', '4',
-                          cwd=tmp_path, timeout=300)
-    assert planned.returncode == 0, planned.stderr
-    [plan] = tmp_path.rglob('plan.csv')
-    run = plan.parent
-    out = run_beadseg('submit', run.relative_to(tmp_path), '--scheduler', 'slurm',
-                      *slurm_args(f'export PATH={VENV_BIN}:$PATH'), cwd=tmp_path, env=slurm)
-    assert out.returncode == 0, out.stderr
-    wait_for_slurm_jobs(slurm, 600)
-    logs = {p.name: p.read_text() for p in (run/'jobs'/'logs').glob('*.log')}
-    results = [json.loads(p.read_text()) for p in sorted(run.glob('configs/*/result.json'))]
-    # a message that is a string is shown whole (pytest shortens any other kind): the logs and errors of a failure
-    shown = '\n'.join([*(f'== {name}\n{text}' for name, text in sorted(logs.items())), *(f"error: {r.get('error')}" for r in results)])
-    assert [r['status'] for r in results] == ['completed', 'completed'], shown
-    assert (run/'search_results_final.csv').is_file() and (run/'best_hyperparameters.json').is_file(), shown
-    assert logs['summary.log'].rstrip().endswith('with exit status 0'), logs['summary.log']
-    assert (tmp_path/'reports'/f'{run.name}.html').is_file(), logs['summary.log']
-
-
-# ---- successive halving: one array per rung (nbs/16_halving.ipynb) ----
-
 def make_halving_run(folder, n=4, statuses=None, min_epochs=1, max_epochs=9):
     "`make_run` as a halving search: with eta 3, rungs of 1, 3 and 9 epochs for 4, 2 and 1 configurations."
     run = make_run(folder, n, statuses)
@@ -506,11 +481,11 @@ def test_only_unfinished_resubmits_per_rung(tmp_path):
 
 
 def test_slurm_runs_a_tiny_halving_search_with_dependent_rung_arrays(slurm, tmp_path):
-    "3 configurations: rung 0 trains all 3 for 1 epoch, rung 1 (which Slurm starts after rung 0's array) continues the best to 2."
+    "2 configurations: rung 0 trains both for 1 epoch, rung 1 (which Slurm starts after rung 0's array) continues the better to 2."
     assert run_beadseg('synth', tmp_path/'beads', '--n-images', '8', '--size', '128').returncode == 0
     planned = run_beadseg('search', '--plan-only', '--dataset', tmp_path/'beads', '--image-size', '64', '--base-filters', '8',
                           '--search-type', 'halving', '--min-epochs', '1', '--max-epochs', '2', '--architectures', 'unet',
-                          '--batch-sizes', '4', '--loss-functions', 'dice,combined,focal', '--learning-rate', '1e-3',
+                          '--batch-sizes', '4', '--loss-functions', 'dice,combined', '--learning-rate', '1e-3',
                           cwd=tmp_path, timeout=300)
     assert planned.returncode == 0, planned.stderr
     [plan] = tmp_path.rglob('plan.csv')
@@ -526,19 +501,20 @@ def test_slurm_runs_a_tiny_halving_search_with_dependent_rung_arrays(slurm, tmp_
     results = {p.parent.name: json.loads(p.read_text()) for p in sorted(run.glob('configs/*/result.json'))}
     shown = '\n'.join([*(f'== {name}\n{text}' for name, text in sorted(logs.items())),
                        *(f"{c}: {r.get('status')} {r.get('error')}" for c, r in results.items())])
-    assert sorted(r['status'] for r in results.values()) == ['completed', 'pruned', 'pruned'], shown
+    assert sorted(r['status'] for r in results.values()) == ['completed', 'pruned'], shown
     rungs = pd.read_csv(run/'rungs.csv')
     [winner] = rungs.config_id[rungs.promoted.eq(True)]
     assert rungs[rungs.rung == 1].config_id.tolist() == [winner] and results[winner]['epochs_run'] == 2, shown
     assert f'beadseg run-rung: rung 1 slot 0: configuration ' in logs['rung_1_slot_0.log'], shown
-    for rung_0_slot in range(3): assert slurm_state(slurm, f'{ids[0]}_{rung_0_slot}') == ('COMPLETED', '0:0')
+    for rung_0_slot in range(2): assert slurm_state(slurm, f'{ids[0]}_{rung_0_slot}') == ('COMPLETED', '0:0')
     assert slurm_state(slurm, f'{ids[1]}_0') == ('COMPLETED', '0:0') and slurm_state(slurm, ids[2]) == ('COMPLETED', '0:0')
     assert json.loads((run/'best_hyperparameters.json').read_text())['config_id'] == winner
     assert (tmp_path/'reports'/f'{run.name}.html').is_file(), logs['summary.log']
 
 
 def test_confirm_through_a_real_slurm(slurm, tmp_path):
-    "A confirmation of a finished search, planned with --plan-only and trained as a Slurm array (one finalist, two folds); the summary job collects and reports it."
+    """A confirmation of a finished search, planned with --plan-only and trained as a Slurm array (one finalist, two folds);
+    the summary job collects and reports it. This is also the suite's real training through a plain (not halving) array."""
     from test_confirm import scored_search
     parent = scored_search(tmp_path, [0.3, 0.5])
     planned = run_beadseg('confirm', parent, '--top', '1', '--folds', '2', '--plan-only', cwd=tmp_path)

@@ -158,7 +158,8 @@ def test_template_parameters_are_the_settings_defaults():
     from beadseg.config import PROJECT_SETTINGS, load_settings
     from beadseg.search import PARAMETERS, TEMPLATE, config_from_settings
     parameters = papermill.inspect_notebook(str(TEMPLATE))
-    assert tuple(parameters) == PARAMETERS
+    assert tuple(parameters) == (*PARAMETERS, 'epoch_budget') and parameters['epoch_budget']['default'] == '0'  # 0: no rung budget
+    parameters.pop('epoch_budget')
     defaults = config_from_settings(load_settings(PROJECT_SETTINGS))
     for name, value in defaults.items():
         if name in ('dataset', 'out_dir'): continue

@@ -29,7 +29,7 @@ check_unchanged "README.md from nbs/index.ipynb" \
   jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
 
 echo "== nbdev-test (every notebook under nbs/)"
-nbdev-test --n-workers 1 --timing
+nbdev-test --n-workers 2 --timing
 echo "== Debian packages for the Slurm and browser tests (skipped by those tests, with the reason, if this fails)"
 bash tools/ensure_apt.sh chromium=chromium slurmctld=slurm-wlm,slurmd=slurm-wlm,munged=munge || echo "could not install them: their tests will say skipped"
 echo "== pytest (two processes, one test file each at a time)"
