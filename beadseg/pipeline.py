@@ -101,10 +101,8 @@ def make_dataset(samples:list, # Pairs from `find_pairs` (or `DatasetReport.samp
                  color:str='gray', # See `as_channels`
                  cache:bool=True, # Keep decoded images in memory when they fit (see `fits_in_memory`)
                  crops_per_image:int=1, # Training: random crops of each image per epoch (each pass reshuffled)
-                 first_epoch:int=0, # Training: the (0-based) epoch the dataset starts at
-                 epochs:int|None=1, # Training: how many epochs it holds, one after the other; None: endless
-                ) -> tf.data.Dataset:
-    "A `tf.data.Dataset` of batches (image float32 (B, S, S, C) in [0, 1], mask float32 (B, S, S, 1) in {0, 1}): `epochs` epochs of training crops, each drawn from (`seed`, its epoch) alone, or one pass of validation tiles."
+                ):
+    "A `tf.data.Dataset` of batches (image float32 (B, S, S, C) in [0, 1], mask float32 (B, S, S, 1) in {0, 1}); one pass is one epoch."
     C = CHANNELS[color]
     def read(i):
         s = samples[int(i)]
@@ -114,19 +112,17 @@ def make_dataset(samples:list, # Pairs from `find_pairs` (or `DatasetReport.samp
         return tf.ensure_shape(image, [None, None, C]), tf.ensure_shape(mask, [None, None, 1])
     ds = tf.data.Dataset.range(len(samples)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
     if cache and fits_in_memory(samples, color): ds = ds.cache()
-    if not training: return ds.flat_map(lambda image, mask: tiles(image, mask, image_size)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    def crop_augment(pair, seed):
-        s = tf.random.experimental.stateless_split(seed, 3)
-        image, mask = random_crop(*pair, image_size, s[0])
-        if augment:
-            image, mask = geometric_augment(image, mask, s[1])
-            image = photometric_augment(image, s[2])
-        return image, mask
-    def epoch(e):  # its order and crops depend on (seed, e) only: a run resumed at epoch e draws what an unbroken one would
-        key = tf.cast(seed, tf.int64) * 1_000_003 + e
-        passes = tf.data.Dataset.range(crops_per_image).flat_map(  # one shuffled pass over the images per crop
-            lambda r: ds.shuffle(len(samples), seed=key * 1009 + r, reshuffle_each_iteration=False))
-        seeds = tf.data.Dataset.range(len(samples) * crops_per_image).map(lambda i: tf.stack([key, i]))
-        return tf.data.Dataset.zip(passes, seeds).map(crop_augment, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-    last = first_epoch + epochs if epochs is not None else 2 ** 62
-    return tf.data.Dataset.range(first_epoch, last).flat_map(epoch).prefetch(tf.data.AUTOTUNE)
+    if training:
+        def crop_augment(pair, seed):
+            s = tf.random.experimental.stateless_split(seed, 3)
+            image, mask = random_crop(*pair, image_size, s[0])
+            if augment:
+                image, mask = geometric_augment(image, mask, s[1])
+                image = photometric_augment(image, s[2])
+            return image, mask
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        shuffled = ds.shuffle(len(samples), seed=seed, reshuffle_each_iteration=True).repeat(crops_per_image)
+        ds = tf.data.Dataset.zip(shuffled, seeds)
+        ds = ds.map(crop_augment, num_parallel_calls=tf.data.AUTOTUNE)
+    else: ds = ds.flat_map(lambda image, mask: tiles(image, mask, image_size))
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -12,7 +12,7 @@ __all__ = ['check_config', 'git_commit', 'device_name', 'environment', 'peak_mem
            'fit_within_memory', 'training_facts', 'score_best', 'train', 'plot_history', 'metrics_table']
 
 # %% ../nbs/03_train.ipynb #ecbe12ed
-import contextlib, hashlib, json, math, os, platform, resource, shutil, subprocess, time, warnings
+import contextlib, hashlib, json, os, platform, resource, shutil, subprocess, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 import keras, tensorflow as tf
@@ -401,11 +401,11 @@ def fit_resumably(config:dict, # The configuration
     "Build or resume the model and fit it until `max_epochs` (or `epoch_budget`), early stopping or a stop; returns (parameters, KeepBest, StopOnNaN)."
     phase('building')
     seed_everything(config['seed'])
-    ds = lambda samples, training, **epochs: pipeline.make_dataset(
+    ds = lambda samples, training: pipeline.make_dataset(
         samples, config['image_size'], micro_batch, training=training, augment=config['augment'], seed=config['seed'],
-        shrink=config['shrink'], color=config['color'], crops_per_image=crops if training else 1, **epochs)
-    val_ds = ds(val_samples, False)
-    model, initial_epoch = build_or_resume(config, out_dir, val_ds.element_spec[0].shape[-1], micro_batch)
+        shrink=config['shrink'], color=config['color'], crops_per_image=crops if training else 1)
+    train_ds, val_ds = ds(train_samples, True), ds(val_samples, False)
+    model, initial_epoch = build_or_resume(config, out_dir, train_ds.element_spec[0].shape[-1], micro_batch)
     if initial_epoch: print(f'Resuming after epoch {initial_epoch}.')
     epoch_log = EpochLog(out_dir, initial_epoch)  # drops rows of epochs after the resume point
     history = history_frame(out_dir)
@@ -416,10 +416,7 @@ def fit_resumably(config:dict, # The configuration
     last = min(epoch_budget or config['max_epochs'], config['max_epochs'])  # early stopping still counts to max_epochs
     if initial_epoch < last and not patience_used_up(history, config['patience']):
         phase('fitting')
-        # the epochs still to train, each drawn as an unbroken run would draw it (see `make_dataset`)
-        train_ds = ds(train_samples, True, first_epoch=initial_epoch, epochs=last - initial_epoch)
         model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=initial_epoch, verbose=verbose,
-                  steps_per_epoch=math.ceil(len(train_samples) * crops / micro_batch),
                   shuffle=False,  # the pipeline shuffles
                   callbacks=[epoch_log, nan, best, ResumePoint(out_dir, best), stopper, *callbacks])
     return model.count_params(), best, nan
