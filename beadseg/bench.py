@@ -292,11 +292,10 @@ def compare_searches(grid:pd.DataFrame, # The grid's ranked results (`search.col
                      seconds:tuple=(None, None), # Wall-clock seconds of each, if measured
                     ) -> tuple[pd.DataFrame, str]:
     "Epochs each search trained, their ratio, and whether halving's winner is the grid's or within the grid winner's 95 % interval."
-    from beadseg.search import SCORE
-    from beadseg.runs import FINISHED
+    from beadseg.search import SCORE, scored_rows
     rows, winners = [], {}
     for name, table, wall in (('grid', grid, seconds[0]), ('halving', halving, seconds[1])):
-        ranked = table[table['status'].isin(FINISHED) & table[SCORE].notna()]
+        ranked = scored_rows(table)
         winners[name] = best = ranked.iloc[0]
         rows.append(dict(search=name, configurations=len(table), epochs=int(table['epochs_run'].fillna(0).sum()),
                          full_grid_epochs=len(table) * max_epochs, wall_s=wall and round(wall), winner=best['config_id'],

@@ -121,8 +121,7 @@ def add_train_arguments(parser):
 
 def check_or_record(config:dict):
     "Check `config` before any notebook runs; if it cannot train, record that in its result.json and raise."
-    from beadseg.runs import record_failure
-    from beadseg.runs import run_config_id
+    from beadseg.runs import record_failure, run_config_id
     from beadseg.train import check_config
     try: check_config(config)
     except ValueError as err:
@@ -214,9 +213,9 @@ def dataset_ready(settings:dict, # The merged settings
     return data.check_dataset(folder, d['image_size'], d['mask_suffix'], d['color'])
 
 def summarise(table) -> str:
-    from beadseg.search import FINISHED, SCORE
+    from beadseg.search import SCORE, scored_rows
     counts = table.status.value_counts()
-    done = table[table.status.isin(FINISHED) & table[SCORE].notna()]
+    done = scored_rows(table)
     best = f"; best {done.config_id.iloc[0]} with validation Jaccard {done[SCORE].iloc[0]:.4f}" if len(done) else ''
     return ', '.join(f'{n} {s}' for s, n in counts.items()) + best
 
@@ -541,8 +540,7 @@ def compile_command(s:dict):
     "`beadseg bench --compile-cache`: XLA's first-step time without and with a persistent compilation cache."
     from beadseg.bench import compile_cache_table
     from beadseg.runs import config_from_settings
-    config = config_from_settings(s, architecture=s['search']['architectures'][0], batch_size=s['search']['batch_sizes'][0],
-                                  out_dir='-')
+    config = config_from_settings(s, out_dir='-')  # the search's first architecture and batch size
     print(f"first training step with XLA, {config['architecture']} {config['image_size']}x{config['image_size']} "
           f"batch {config['batch_size']}, base {config['base_filters']}, each in a fresh process", flush=True)
     print(compile_cache_table(config).to_string(index=False, float_format=lambda v: f'{v:.2f}'))

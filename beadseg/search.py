@@ -7,9 +7,9 @@ __all__ = ['FACTORS', 'SEED_ID', 'STEPS', 'TEMPLATE', 'KERNEL_STARTS', 'SCORE', 
            'varied', 'grid', 'draw', 'make_plan', 'plan_factors', 'create_run', 'read_plan', 'config_for', 'choices',
            'plan_configs', 'unfinished_indices', 'validation_settings', 'check_plan', 'failure_reason', 'kernel_ran',
            'after_failure', 'stops_forwarded', 'notebook_output_to', 'execute_notebook', 'run_config', 'result_row',
-           'table_columns', 'rank_results', 'results_table', 'is_confirmation', 'collect', 'score_test_set',
-           'share_split', 'share_compilation_cache', 'gpu_count', 'die_with_parent', 'search_logger', 'best_so_far',
-           'indices_to_run', 'dead_run_one', 'Driver', 'run_search', 'finalists', 'confirmation_plan',
+           'table_columns', 'has_score', 'scored_rows', 'rank_results', 'results_table', 'is_confirmation', 'collect',
+           'score_test_set', 'share_split', 'share_compilation_cache', 'gpu_count', 'die_with_parent', 'search_logger',
+           'best_so_far', 'indices_to_run', 'dead_run_one', 'Driver', 'run_search', 'finalists', 'confirmation_plan',
            'create_confirmation', 't_interval', 'fold_scores', 'paired_difference', 'confirmation_table',
            'confirmation_summary', 'confirmation_statement', 'write_confirmation']
 
@@ -319,10 +319,17 @@ def table_columns(keys) -> list[str]:
     at, extra = COLUMNS.index(FACTORS[-1]) + 1, [k for k in keys if k in SPACE_KEYS and k not in COLUMNS]
     return [*COLUMNS[:at], *extra, *COLUMNS[at:]]
 
+def has_score(results:pd.DataFrame) -> pd.Series:
+    "Which rows of a results table are finished with a score: what a ranking, a best and a finalist are chosen from."
+    return results['status'].isin(FINISHED) & results[SCORE].notna()
+
+def scored_rows(results:pd.DataFrame) -> pd.DataFrame:
+    "The rows of `results` finished with a score, in its order (best first in a ranked table)."
+    return results[has_score(results)]
+
 def rank_results(results:pd.DataFrame) -> pd.DataFrame:
     "`results` in the table's column order (`table_columns`), ranked by score; rows without a score (failed, unfinished) last."
-    scored = results['status'].isin(FINISHED) & results[SCORE].notna()
-    order = results.assign(_scored=scored).sort_values(['_scored', SCORE], ascending=False, kind='stable')
+    order = results.assign(_scored=has_score(results)).sort_values(['_scored', SCORE], ascending=False, kind='stable')
     return order.assign(rank=range(1, len(order) + 1)).reindex(columns=table_columns(results.columns)).reset_index(drop=True)
 
 def results_table(run_dir) -> pd.DataFrame:
@@ -362,7 +369,7 @@ def collect(run_dir, # A search run folder
                 link_or_copy(folder/'split.json', run_dir/'split.json')
         if final:
             write_csv(run_dir/'search_results_final.csv', table)
-            best = table[table.status.isin(FINISHED) & table[SCORE].notna()].head(1)
+            best = scored_rows(table).head(1)
             if is_confirmation(run_dir): write_confirmation(run_dir)  # the winner by its mean over folds, not the best fold
             elif not len(best): (run_dir/'best_hyperparameters.json').unlink(missing_ok=True)  # none (any more)
             else:
@@ -428,7 +435,7 @@ def search_logger(run_dir) -> logging.Logger:
 
 # %% ../nbs/04_search.ipynb #d5fa36e9
 def best_so_far(table:pd.DataFrame) -> str:
-    scored = table[table.status.isin(FINISHED) & table[SCORE].notna()]
+    scored = scored_rows(table)
     return f"{scored[SCORE].iloc[0]:.3f} ({scored.config_id.iloc[0]})" if len(scored) else '-'
 
 def indices_to_run(run_dir, # A search run folder
@@ -539,7 +546,7 @@ def finalists(parent, # A search run folder
     if top < 1: raise ValueError(f'--top {top}: confirm at least 1 configuration')
     if is_confirmation(parent): raise ValueError(f'{parent}: a confirmation run already; confirm its parent search instead')
     table = results_table(parent)
-    best = table[table.status.isin(FINISHED) & table[SCORE].notna()].config_id.head(top).tolist()
+    best = scored_rows(table).config_id.head(top).tolist()
     if len(best) < top:
         raise ValueError(f'{parent}: {len(best)} scored configuration{"s" * (len(best) != 1)}, fewer than --top {top}; '
                          f'finish the search first (`beadseg search --resume {parent}`) or confirm fewer')
@@ -597,7 +604,7 @@ def t_interval(values, # Scores, e.g. one per fold
 def fold_scores(run_dir) -> pd.DataFrame:
     "The best validation Jaccard of every finalist (rows) on every fold (columns) of a confirmation run; NaN where none yet."
     plan, table = read_plan(run_dir), results_table(run_dir)
-    scored = table[table.status.isin(FINISHED) & table[SCORE].notna()][['config_id', SCORE]]
+    scored = scored_rows(table)[['config_id', SCORE]]
     scores = plan.merge(scored, on='config_id', how='left').pivot(index='finalist', columns='fold', values=SCORE)
     return scores.reindex(list(dict.fromkeys(plan.finalist)))
 
