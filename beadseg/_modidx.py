@@ -316,6 +316,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'beadseg.runs.record_kernel': ('runs.html#record_kernel', 'beadseg/runs.py'),
                               'beadseg.runs.request_stop': ('runs.html#request_stop', 'beadseg/runs.py'),
                               'beadseg.runs.run_config_id': ('runs.html#run_config_id', 'beadseg/runs.py'),
+                              'beadseg.runs.run_of': ('runs.html#run_of', 'beadseg/runs.py'),
                               'beadseg.runs.short_value': ('runs.html#short_value', 'beadseg/runs.py'),
                               'beadseg.runs.signals_to': ('runs.html#signals_to', 'beadseg/runs.py'),
                               'beadseg.runs.start_result': ('runs.html#start_result', 'beadseg/runs.py'),

@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['SCORED', 'FINISHED', 'RETRYABLE', 'WITH_SCORE', 'PARAMETERS', 'ABBREVIATIONS', 'STOP_FILE', 'Status', 'tmp_name',
            'write_json', 'write_csv', 'read_result', 'is_finished', 'now', 'write_result', 'start_result',
-           'finish_result', 'record_failure', 'config_from_settings', 'short_value', 'config_id', 'run_config_id',
-           'stderr_to', 'signals_to', 'config_lock', 'request_stop', 'stop_requested', 'process_stat', 'record_kernel',
-           'our_kernel', 'link_or_copy']
+           'finish_result', 'record_failure', 'config_from_settings', 'short_value', 'config_id', 'run_of',
+           'run_config_id', 'stderr_to', 'signals_to', 'config_lock', 'request_stop', 'stop_requested', 'process_stat',
+           'record_kernel', 'our_kernel', 'link_or_copy']
 
 # %% ../nbs/14_runs.ipynb #68ae94b5
 import contextlib, datetime, fcntl, json, os, re, shutil, signal, sys, threading
@@ -128,10 +128,14 @@ def config_id(config:dict, # A configuration (or a plan row)
             + ''.join(f'_{ABBREVIATIONS.get(k, k)}{short_value(config[k])}' for k in extra))
 
 # %% ../nbs/14_runs.ipynb #59ad889e
+def run_of(out_dir) -> Path|None:
+    "The search run folder a configuration folder belongs to (RUN_DIR/configs/ID), or None for a standalone one."
+    out = Path(out_dir or '.')
+    return out.parent.parent if out.parent.name == 'configs' else None
+
 def run_config_id(config:dict) -> str:
     "The id of `config` in its run: its folder's name in a search (RUN_DIR/configs/ID names every searched dimension), else `config_id`."
-    out = Path(config.get('out_dir') or '.')
-    return out.name if out.parent.name == 'configs' else config_id(config)
+    return Path(config['out_dir']).name if run_of(config.get('out_dir')) else config_id(config)
 
 # %% ../nbs/14_runs.ipynb #7198758c
 STOP_FILE = 'stop'  # written in a configuration's folder by `run_config` when it is asked to stop

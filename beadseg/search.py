@@ -23,9 +23,9 @@ from .config import PROJECT_SETTINGS, SPACE_KEYS, TEMPLATES, Distribution, load_
 
 # %% ../nbs/04_search.ipynb #8c4f19cb
 from .runs import (Status, SCORED, FINISHED, RETRYABLE, tmp_name, write_json, write_csv, write_result,
-                          read_result, is_finished, PARAMETERS, ABBREVIATIONS, config_from_settings, short_value, config_id, run_config_id,
-                          STOP_FILE, stderr_to, signals_to, config_lock, request_stop, stop_requested, process_stat,
-                          record_kernel, our_kernel, link_or_copy)
+                          read_result, is_finished, PARAMETERS, ABBREVIATIONS, config_from_settings, short_value, config_id,
+                          run_config_id, run_of, STOP_FILE, stderr_to, signals_to, config_lock, request_stop, stop_requested,
+                          process_stat, record_kernel, our_kernel, link_or_copy)
 
 # %% ../nbs/04_search.ipynb #f8eafe28
 FACTORS = ('architecture', 'batch_size', 'loss_function', 'dropout', 'learning_rate')  # the seed's dimensions, always in the plan
@@ -398,16 +398,16 @@ def score_test_set(run_dir:Path, # A search run folder
 # %% ../nbs/04_search.ipynb #4ba1b414
 def share_split(out_dir:Path):
     "Give a configuration folder of a search (RUN_DIR/configs/ID) without a split its planned one: RUN_DIR/splits/ID.json (a confirmation's fold), else the search's split.json."
-    run_dir = out_dir.parent.parent
+    if not (run_dir := run_of(out_dir)): return
     planned = next((p for p in (run_dir/'splits'/f'{out_dir.name}.json', run_dir/'split.json') if p.is_file()), None)
-    if out_dir.parent.name == 'configs' and planned and not (out_dir/'split.json').exists():
+    if planned and not (out_dir/'split.json').exists():
         link_or_copy(planned, out_dir/'split.json')
 
 # %% ../nbs/04_search.ipynb #0f4ddf68
 def share_compilation_cache(out_dir:Path):
     "For a configuration folder of a search, send the kernels' XLA compilations to the run's persistent cache RUN_DIR/xla_cache."
-    if out_dir.parent.name != 'configs': return
-    cache = out_dir.parent.parent/'xla_cache'
+    if not (run_dir := run_of(out_dir)): return
+    cache = run_dir/'xla_cache'
     flags = os.environ.get('TF_XLA_FLAGS', '')
     if '--tf_xla_persistent_cache_directory' not in flags:
         os.environ['TF_XLA_FLAGS'] = f'{flags} --tf_xla_persistent_cache_directory={cache}'.strip()
