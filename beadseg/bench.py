@@ -16,8 +16,8 @@ import keras, tensorflow as tf
 from . import data, pipeline
 from .losses import LOSSES
 from .models import build_model
-from .runs import config_from_settings, stderr_to, write_csv
-from .train import build_or_resume, check_config, device_name, dtype_policy, peak_memory_mb, xla_on
+from .runs import check_config, config_from_settings, stderr_to, write_csv
+from .train import build_or_resume, device_name, dtype_policy, peak_memory_mb, xla_on
 
 # %% ../nbs/08_bench.ipynb #a5a8a38f
 def conv_flops(model:keras.Model, # A model built with a fixed input size

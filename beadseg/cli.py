@@ -121,8 +121,7 @@ def add_train_arguments(parser):
 
 def check_or_record(config:dict):
     "Check `config` before any notebook runs; if it cannot train, record that in its result.json and raise."
-    from beadseg.runs import record_failure, run_config_id
-    from beadseg.train import check_config
+    from beadseg.runs import check_config, record_failure, run_config_id
     try: check_config(config)
     except ValueError as err:
         Path(config['out_dir']).mkdir(parents=True, exist_ok=True)
@@ -237,7 +236,7 @@ def search_command(args):
                 print(*schedule_lines(settings, len(plan)), sep='\n')
             print(f"{len(plan)} configurations ({settings['search']['search_type']} search); nothing was run (--dry-run)")
             return
-        from beadseg.train import check_config
+        from beadseg.runs import check_config
         for config in search.plan_configs(settings, plan): check_config(config)  # every planned configuration, before anything runs
         report = dataset_ready(search.validation_settings(settings, plan), args.synthetic)  # at the smallest planned image size
         search.check_plan(plan, settings, report.summary)
@@ -310,7 +309,7 @@ def confirm_command(args):
     from beadseg import search
     parent = Path(args.run_dir)
     plan = search.confirmation_plan(parent, args.top, args.folds)  # the refusals that need no data (nor TensorFlow)
-    from beadseg.train import check_config
+    from beadseg.runs import check_config
     args.settings = args.settings or str(parent/'settings.ini')  # the parent's settings, with the flags given
     settings = settings_from_args(args)
     for config in search.plan_configs(settings, plan): check_config(config)

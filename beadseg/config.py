@@ -6,10 +6,10 @@
 __all__ = ['ARCHITECTURES', 'LOSS_NAMES', 'integer', 'positive_int', 'non_negative_int', 'seed_int', 'positive_float',
            'open_fraction', 'dropout_rate', 'TRUE_WORDS', 'FALSE_WORDS', 'AUTO_ON_OFF', 'PRECISION', 'walltime',
            'slurm_time', 'SCHEMA', 'KEY_SECTION', 'OPTIONAL', 'TEMPLATES', 'PROJECT_SETTINGS', 'SPACE_KEYS',
-           'DISTRIBUTIONS', 'number', 'text', 'boolean', 'one_of', 'list_of', 'matching', 'SettingsError',
-           'find_settings', 'Distribution', 'parse_bounds', 'parse_dimension', 'parse_value', 'read_settings',
-           'as_text', 'flag', 'load_settings', 'add_settings_args', 'settings_from_args', 'format_settings',
-           'write_settings']
+           'DISTRIBUTIONS', 'check_model_args', 'check_loss_name', 'number', 'text', 'boolean', 'one_of', 'list_of',
+           'matching', 'SettingsError', 'find_settings', 'Distribution', 'parse_bounds', 'parse_dimension',
+           'parse_value', 'read_settings', 'as_text', 'flag', 'load_settings', 'add_settings_args',
+           'settings_from_args', 'format_settings', 'write_settings']
 
 # %% ../nbs/10_config.ipynb #94b81d41
 import argparse, dataclasses, configparser, importlib.resources, math, os, re
@@ -19,6 +19,28 @@ import beadseg
 # %% ../nbs/10_config.ipynb #475c40ff
 ARCHITECTURES = ('unet', 'resunet', 'attention_resunet')
 LOSS_NAMES = ('dice', 'focal', 'tversky', 'focal_tversky', 'combined', 'combined_tversky')
+
+# %% ../nbs/10_config.ipynb #81ccdff5
+def check_model_args(architecture, input_shape, base_filters, dropout, depth):
+    "Raise a `ValueError` saying what to change if `build_model` cannot build these arguments."
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {architecture!r}; use one of {', '.join(ARCHITECTURES)}.")
+    if not (isinstance(depth, int) and depth >= 1): raise ValueError(f'depth must be a positive integer. Received: depth={depth!r}')
+    if not (isinstance(base_filters, int) and base_filters >= 1):
+        raise ValueError(f'base_filters must be a positive integer, e.g. 64. Received: base_filters={base_filters!r}')
+    if not 0 <= dropout < 1: raise ValueError(f'dropout must be in [0, 1). Received: dropout={dropout!r}')
+    if len(input_shape) != 3 or not (isinstance(input_shape[-1], int) and input_shape[-1] >= 1):
+        raise ValueError(f'input_shape must be (height, width, channels) with channels >= 1. Received: input_shape={input_shape!r}')
+    step = 2 ** depth
+    for side in input_shape[:2]:
+        if side is not None and (side < step or side % step):
+            nearest = sorted({max(step, side // step * step), (side // step + 1) * step})
+            raise ValueError(f"Input side {side} must be a multiple of 2^depth = {step}: use e.g. {' or '.join(map(str, nearest))}. "
+                             f'Received: input_shape={input_shape!r}, depth={depth}')
+
+def check_loss_name(name:str):
+    "Raise a `ValueError` listing the losses if `name` is not one of `LOSS_NAMES`."
+    if name not in LOSS_NAMES: raise ValueError(f"Unknown loss {name!r}; valid losses: {', '.join(LOSS_NAMES)}")
 
 # %% ../nbs/10_config.ipynb #9010c036
 def number(cast, # `int` or `float`

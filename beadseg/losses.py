@@ -10,6 +10,7 @@ __all__ = ['LOSSES', 'soft_counts', 'dice', 'tversky', 'focal', 'focal_tversky',
 import inspect
 import keras
 from keras import ops
+from .config import check_loss_name
 
 # %% ../nbs/00_losses.ipynb #64af36c8
 def soft_counts(y_true, # Ground-truth mask, 0 or 1
@@ -72,7 +73,7 @@ LOSSES = dict(dice=dice, focal=focal, tversky=tversky, focal_tversky=focal_tvers
 class SegmentationLoss(keras.losses.Loss):
     "The beadseg loss `loss` with keyword `params` overriding its defaults; computed in float32."
     def __init__(self, loss='focal_tversky', name=None, reduction='sum_over_batch_size', dtype=None, **params):
-        if loss not in LOSSES: raise ValueError(f"Unknown loss {loss!r}; valid losses: {', '.join(LOSSES)}")
+        check_loss_name(loss)
         valid = list(inspect.signature(LOSSES[loss]).parameters)[2:]
         if bad := [k for k in params if k not in valid]:
             raise ValueError(f"Loss {loss!r} has no parameter {bad[0]!r}; its parameters: {', '.join(valid)}")

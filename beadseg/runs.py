@@ -6,13 +6,14 @@
 __all__ = ['SCORED', 'FINISHED', 'RETRYABLE', 'WITH_SCORE', 'PARAMETERS', 'ABBREVIATIONS', 'STOP_FILE', 'Status', 'tmp_name',
            'write_json', 'write_csv', 'read_result', 'is_finished', 'now', 'write_result', 'start_result',
            'finish_result', 'record_failure', 'config_from_settings', 'short_value', 'config_id', 'run_of',
-           'run_config_id', 'stderr_to', 'signals_to', 'config_lock', 'request_stop', 'stop_requested', 'process_stat',
-           'record_kernel', 'our_kernel', 'link_or_copy']
+           'run_config_id', 'check_config', 'stderr_to', 'signals_to', 'config_lock', 'request_stop', 'stop_requested',
+           'process_stat', 'record_kernel', 'our_kernel', 'link_or_copy']
 
 # %% ../nbs/14_runs.ipynb #68ae94b5
 import contextlib, datetime, fcntl, json, os, re, shutil, signal, sys, threading
 from pathlib import Path
 import pandas as pd
+from .config import check_loss_name, check_model_args
 
 # %% ../nbs/14_runs.ipynb #53875637
 class Status:
@@ -136,6 +137,20 @@ def run_of(out_dir) -> Path|None:
 def run_config_id(config:dict) -> str:
     "The id of `config` in its run: its folder's name in a search (RUN_DIR/configs/ID names every searched dimension), else `config_id`."
     return Path(config['out_dir']).name if run_of(config.get('out_dir')) else config_id(config)
+
+# %% ../nbs/14_runs.ipynb #12c75def
+def check_config(config:dict):
+    "Raise a one-line `ValueError` if `config` cannot be trained."
+    if missing := [k for k in PARAMETERS if k not in config]: raise ValueError(f"configuration lacks {', '.join(missing)}")
+    check_model_args(config['architecture'], (config['image_size'], config['image_size'], 1), config['base_filters'],
+                     config['dropout'], 4)
+    check_loss_name(config['loss_function'])
+    if not (isinstance(config['batch_size'], int) and config['batch_size'] >= 1):
+        raise ValueError(f"batch_size must be a positive integer. Received: batch_size={config['batch_size']!r}")
+    micro = config['micro_batch_size']
+    if not (isinstance(micro, int) and micro >= 0 and (micro == 0 or config['batch_size'] % micro == 0)):
+        raise ValueError(f"micro_batch_size must be 0 (the whole batch) or divide batch_size {config['batch_size']}. "
+                         f"Received: micro_batch_size={micro!r}")
 
 # %% ../nbs/14_runs.ipynb #7198758c
 STOP_FILE = 'stop'  # written in a configuration's folder by `run_config` when it is asked to stop

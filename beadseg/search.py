@@ -355,6 +355,7 @@ def collect(run_dir, # A search run folder
            ) -> pd.DataFrame:
     "Rebuild the run's results files from configs/*/; returns the ranked table of all planned configurations."
     run_dir = Path(run_dir)
+    read_plan(run_dir)  # not a run folder: one line saying so (before the lock file, which needs the folder)
     with config_lock(run_dir, '.collect.lock'):  # one collect at a time: the driver's, the summary job's, a user's
         table = results_table(run_dir)
         done = table[table.status.isin(FINISHED)]

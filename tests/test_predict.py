@@ -20,6 +20,18 @@ def trained(tmp_path_factory):
     return root/'run', beads, result
 
 
+def test_the_pipeline_learns_beads(trained):
+    """Beads of their normal size (512 px images, about 10 px radius), seen through 64 x 64 crops, in the fixture's 5 epochs.
+    With BatchNorm momentum 0.9 (01_models) validation follows training: measured validation Jaccard 0.78, 0.88, 0.94,
+    0.92, 0.96 over epochs 1-5 of a similar run (2026-11-28), so 0.6 is cleared with a wide margin."""
+    from beadseg.report import collapsed_epochs
+    run, _, result = trained
+    evaluation = result['evaluation']
+    assert result['best_val_jaccard'] >= 0.6 and evaluation['jaccard'] >= 0.6, evaluation
+    assert evaluation['jaccard'] > 4 * evaluation['baseline_jaccard'], evaluation
+    assert collapsed_epochs(pd.read_csv(run/'history.csv')) == []
+
+
 @pytest.fixture(scope='module')
 def model(trained):
     from beadseg.predict import load_model

@@ -103,7 +103,7 @@ print(df.iloc[0])
     assert 'unet' in done.stdout and '000_unet_bs4_dice' in done.stdout
 
 
-def test_collect_rebuilds_the_same_results(search_run):
+def test_collect_rebuilds_the_same_results(search_run, tmp_path):
     _, run = search_run
     before = pd.read_csv(run/'search_results_final.csv')
     (run/'search_results_final.csv').unlink(); (run/'best_hyperparameters.json').unlink()
@@ -112,13 +112,18 @@ def test_collect_rebuilds_the_same_results(search_run):
     pd.testing.assert_frame_equal(pd.read_csv(run/'search_results_final.csv'), before)
     rerun = run_beadseg('run-one', run, '--index', '0')  # finished: a no-op
     assert rerun.returncode == 0 and 'already done (status completed); nothing to do' in rerun.stdout
+    missing = run_beadseg('collect', tmp_path/'nope')  # not a run folder: one line, nothing created
+    assert missing.returncode == 2 and missing.stderr.strip() == (f'beadseg collect: error: {tmp_path}/nope/plan.csv: not found; '
+                                                                  'plan the run first with `beadseg search --plan-only`')
+    assert not (tmp_path/'nope').exists()
 
 
-def test_kill_9_of_the_driver_then_resume_completes(beads, tmp_path):
-    out = tmp_path/'runs'
+def test_kill_9_of_the_driver_then_resume_completes_a_search_over_a_further_dimension(beads, tmp_path):
+    "A search over base_filters (a dimension beyond the seed's), its driver killed with -9 while training, then resumed."
+    out, ids = tmp_path/'runs', ['000_unet_bs4_dice_bf4', '001_unet_bs4_dice_bf8']
     exe = os.path.join(os.path.dirname(sys.executable), 'beadseg')
-    args = [exe, 'search', '--dataset', str(beads), '--out', str(out), *TINY, '--batch-sizes', '4', '--loss-functions', 'dice,combined',
-            '--max-epochs', '3', '--workers', '2']  # both configurations train at once
+    args = [exe, 'search', '--dataset', str(beads), '--out', str(out), *TINY, '--batch-sizes', '4', '--loss-functions', 'dice',
+            '--space', 'base_filters=4,8', '--max-epochs', '3', '--workers', '2']  # both configurations train at once
     driver = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     end = time.time() + 300
     while time.time() < end:  # wait for the first configuration's first epoch
@@ -133,11 +138,23 @@ def test_kill_9_of_the_driver_then_resume_completes(beads, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert '2 completed' in done.stdout
     final = pd.read_csv(run/'search_results_final.csv')
-    assert len(final) == 2 and set(final.status) == {'completed'} and final.config_id.is_unique
+    assert len(final) == 2 and set(final.status) == {'completed'} and sorted(final.config_id) == ids
     for config in final.config_id:
         assert list(pd.read_csv(run/'configs'/config/'history.csv').epoch) == [1, 2, 3]
     log = (run/'search.log').read_text()
     assert 'resume: ' in log and '2 at a time' in log
+    # the further dimension: a column after the seed's, the run's id in result.json, the test table, the report
+    assert list(final.columns[:8]) == ['rank', 'config_id', 'architecture', 'batch_size', 'loss_function', 'dropout',
+                                       'learning_rate', 'base_filters']
+    table = final.set_index('config_id')
+    assert table.base_filters.to_dict() == {ids[0]: 4, ids[1]: 8} and table.params[ids[0]] < table.params[ids[1]]
+    result = json.loads((run/'configs'/ids[0]/'result.json').read_text())
+    assert result['config']['base_filters'] == 4 and result['config_id'] == ids[0]  # the run's id, naming the dimension
+    from beadseg.predict import score_top  # as [data] test_dataset does: the test table names the dimension too
+    assert score_top(run, beads, top=2).set_index('config_id').base_filters.to_dict() == {ids[0]: 4, ids[1]: 8}
+    report = run_beadseg('report', run, '--out', tmp_path/'reports', timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert '<strong>base filters</strong>' in (tmp_path/'reports'/f'{run.name}.html').read_text()  # its own effect table
 
 
 def test_report_renders_from_a_real_partly_failed_search(search_run, tmp_path):
@@ -228,29 +245,6 @@ def test_a_drawn_value_the_model_refuses_stops_the_search_before_it_runs(tmp_pat
     assert 'micro_batch_size must be 0 (the whole batch) or divide batch_size 8' in done.stderr and not (tmp_path/'runs').exists()
     sizes = run_beadseg('search', '--dry-run', '--n-random', '6', '--space', 'image_size=intuniform(64,512)', cwd=tmp_path)
     assert sizes.returncode == 0 and all(int(s) % 16 == 0 for s in re.findall(r'_is(\d+)', sizes.stdout)), sizes.stdout
-
-
-def test_a_real_search_over_base_filters_has_the_dimension_in_its_results(beads, tmp_path):
-    out = tmp_path/'runs'
-    done = run_beadseg('search', '--dataset', beads, '--out', out, *TINY, '--batch-sizes', '4', '--loss-functions', 'dice',
-                       '--max-epochs', '1', '--space', 'base_filters=4,8', timeout=600)
-    assert done.returncode == 0, done.stderr
-    table = pd.read_csv(the_run(out)/'search_results_final.csv')
-    assert sorted(table.config_id) == ['000_unet_bs4_dice_bf4', '001_unet_bs4_dice_bf8']
-    assert list(table.columns[:8]) == ['rank', 'config_id', 'architecture', 'batch_size', 'loss_function', 'dropout',
-                                       'learning_rate', 'base_filters']
-    assert table.set_index('config_id').base_filters.to_dict() == {'000_unet_bs4_dice_bf4': 4, '001_unet_bs4_dice_bf8': 8}
-    assert set(table.status) <= {'completed', 'early_stopped'}
-    result = json.loads((the_run(out)/'configs'/'000_unet_bs4_dice_bf4'/'result.json').read_text())
-    assert result['config']['base_filters'] == 4 and result['config_id'] == '000_unet_bs4_dice_bf4'  # the run's id, naming the dimension
-    from beadseg.predict import score_top  # as [data] test_dataset does: the test table names the dimension too
-    tested = score_top(the_run(out), beads, top=2)
-    assert tested.set_index('config_id').base_filters.to_dict() == {'000_unet_bs4_dice_bf4': 4, '001_unet_bs4_dice_bf8': 8}
-    assert table.set_index('config_id').params['000_unet_bs4_dice_bf4'] < table.set_index('config_id').params['001_unet_bs4_dice_bf8']
-    report = run_beadseg('report', the_run(out), '--out', tmp_path/'reports', timeout=300)
-    assert report.returncode == 0, report.stderr[-2000:]
-    html = (tmp_path/'reports'/f'{the_run(out).name}.html').read_text()
-    assert '<strong>base filters</strong>' in html  # its own effect table, after the seed's three
 
 
 def test_an_image_size_dimension_validates_the_data_at_its_smallest_and_refuses_sizes_beyond_the_images(beads, tmp_path):
