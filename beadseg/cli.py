@@ -74,9 +74,11 @@ def show_settings(args):
          lambda p: p.add_argument('--channels', type=int, default=1, help='input channels (default 1)'))
 def show_models(args):
     "Print the parameter counts of every architecture at the configured image size and base filters."
-    from beadseg.models import parameter_table
+    from beadseg.config import check_model_args
     s = settings_from_args(args)
     side = s['data']['image_size']
+    check_model_args('unet', (side, side, args.channels), s['train']['base_filters'], s['train']['dropout'], 4)  # before TensorFlow loads
+    from beadseg.models import parameter_table
     table = parameter_table((side, side, args.channels), s['train']['base_filters'], dropout=s['train']['dropout'])
     print(f"input {side}x{side}x{args.channels}, base filters {s['train']['base_filters']}")
     print(table.to_string(formatters=['{:,}'.format] * len(table.columns)))
@@ -481,8 +483,7 @@ def add_bench_arguments(parser):
 @command('bench', 'measure training throughput, the input pipeline, memory and FLOPs', add_bench_arguments)
 def bench_command(args):
     "Run the benchmark and print its table."
-    from beadseg.config import list_of, one_of, positive_int
-    from beadseg.bench import PRECISIONS, run_bench, bench_table
+    from beadseg.config import PRECISIONS, list_of, one_of, positive_int
     def parse(flag, text, parser):
         try: return parser(str(text))
         except ValueError as err: raise ValueError(f'{flag} {text!r}: {err}') from None
@@ -495,6 +496,7 @@ def bench_command(args):
         if getattr(args, name) is None: setattr(args, name, value)
     s = settings_from_args(args)
     if args.compile_cache: return compile_command(s)
+    from beadseg.bench import run_bench, bench_table  # TensorFlow loads once the flags are known to be good
     results = run_bench(s, s['search']['architectures'], s['data']['image_size'], s['search']['batch_sizes'],
                         s['train']['base_filters'], precisions, xla, steps, warmup, rounds, not args.no_reference,
                         args.out, not args.no_overhead)
@@ -520,12 +522,12 @@ def halving_bench_command(args):
 
 def pipeline_command(args):
     "`beadseg bench --pipeline-cores`: the pipeline's images/s per CPU core, and the cores a GPU of `--gpu-rate` needs."
+    if not args.gpu_rate > 0: raise ValueError(f'--gpu-rate must be a positive number of images per second, got {args.gpu_rate}')
     import tempfile
     from beadseg import data
     from beadseg.bench import bench_dataset, cores_needed, pipeline_per_core
     s = settings_from_args(args)
     d, size = s['data'], s['data']['image_size']
-    if not args.gpu_rate > 0: raise ValueError(f'--gpu-rate must be a positive number of images per second, got {args.gpu_rate}')
     with tempfile.TemporaryDirectory() as tmp:
         folder, described = bench_dataset(s, size, 16, tmp)
         report = data.check_dataset(folder, size, d['mask_suffix'], d['color'])

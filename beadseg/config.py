@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['ARCHITECTURES', 'LOSS_NAMES', 'integer', 'positive_int', 'non_negative_int', 'seed_int', 'positive_float',
-           'open_fraction', 'dropout_rate', 'TRUE_WORDS', 'FALSE_WORDS', 'AUTO_ON_OFF', 'PRECISION', 'walltime',
-           'slurm_time', 'SCHEMA', 'KEY_SECTION', 'OPTIONAL', 'TEMPLATES', 'PROJECT_SETTINGS', 'SPACE_KEYS',
+           'open_fraction', 'dropout_rate', 'TRUE_WORDS', 'FALSE_WORDS', 'AUTO_ON_OFF', 'PRECISION', 'PRECISIONS',
+           'walltime', 'slurm_time', 'SCHEMA', 'KEY_SECTION', 'OPTIONAL', 'TEMPLATES', 'PROJECT_SETTINGS', 'SPACE_KEYS',
            'DISTRIBUTIONS', 'check_model_args', 'check_loss_name', 'number', 'text', 'boolean', 'one_of', 'list_of',
            'matching', 'SettingsError', 'find_settings', 'Distribution', 'parse_bounds', 'parse_dimension',
            'parse_value', 'read_settings', 'as_text', 'flag', 'load_settings', 'add_settings_args',
@@ -109,6 +109,7 @@ def matching(pattern:str, expected:str):
 # %% ../nbs/10_config.ipynb #da61a429
 AUTO_ON_OFF = ('auto', 'on', 'off')
 PRECISION = (*AUTO_ON_OFF, 'bfloat16')  # on: float16 with loss scaling; bfloat16: no loss scaling needed
+PRECISIONS = {'float32': 'off', 'mixed': 'on', 'bfloat16': 'bfloat16', 'auto': 'auto'}  # `beadseg bench --precision` names -> mixed_precision
 walltime = matching(r'\d+:[0-5]\d:[0-5]\d', 'a walltime HH:MM:SS')
 slurm_time = matching(r'(\d+-)?\d+:[0-5]\d:[0-5]\d', 'a time limit [D-]HH:MM:SS')
 SCHEMA = {
