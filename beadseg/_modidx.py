@@ -70,6 +70,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'beadseg.cli.search_command': ('cli.html#search_command', 'beadseg/cli.py'),
                              'beadseg.cli.show_models': ('cli.html#show_models', 'beadseg/cli.py'),
                              'beadseg.cli.show_settings': ('cli.html#show_settings', 'beadseg/cli.py'),
+                             'beadseg.cli.skip_iri_format_checker': ('cli.html#skip_iri_format_checker', 'beadseg/cli.py'),
                              'beadseg.cli.stdout_log': ('cli.html#stdout_log', 'beadseg/cli.py'),
                              'beadseg.cli.submit_command': ('cli.html#submit_command', 'beadseg/cli.py'),
                              'beadseg.cli.summarise': ('cli.html#summarise', 'beadseg/cli.py'),

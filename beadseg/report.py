@@ -652,7 +652,7 @@ def render_report(run_dir, # A search run folder
     print(f'executing {template.name} for {run.path} ...', flush=True)
     with stderr_to(run.path/'kernel.log'):  # the kernel's own messages stay out of the terminal
         pm.execute_notebook(str(template), str(executed), parameters={'run_dir': str(run.path.resolve())}, kernel_name=kernel,
-                            progress_bar=False, log_output=False)
+                            progress_bar=False, log_output=False, shutdown_kernel='immediate')
     html = to_html(executed, Path(out)/f'{run.name}.html', f'beadseg report: {run.name}')
     print(f'wrote {html} (executed notebook: {executed})')
     return html

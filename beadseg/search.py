@@ -257,7 +257,7 @@ def execute_notebook(parameters:dict, # The training template's parameters; `out
             with stderr_to(out_dir/'kernel.log'):
                 papermill.execute_notebook(str(TEMPLATE), str(out_dir/'train.ipynb'), parameters=parameters, kernel_name='python3',
                                            execution_timeout=timeout or None, progress_bar=False, log_output=log is not None,
-                                           cwd=str(out_dir))
+                                           cwd=str(out_dir), shutdown_kernel='immediate')  # all written by the last cell: no 1 s wait for TensorFlow's teardown
             return None
         except Exception as err:
             reason, started = failure_reason(err, timeout), kernel_ran(out_dir/'train.ipynb')
