@@ -5,12 +5,12 @@ from beadseg.config import PROJECT_SETTINGS
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 ROOT = Path(__file__).resolve().parent.parent
 
-# Test files, heaviest first (their seconds on 2 cores, 2026-11-29: search 200, train 130, faults 155, bench 155, hpc 140,
-# predict 80, confirm 75, real_data 75, package 45, models 25; the others under 20). With `--dist loadfile
-# --no-loadscope-reorder` pytest-xdist hands whole files to its workers in this order: long files start first and the short
-# ones even out the end, instead of one worker finishing a long file alone.
-HEAVIEST_FIRST = ('test_search', 'test_faults', 'test_bench', 'test_hpc', 'test_train', 'test_predict', 'test_confirm',
-                  'test_real_data', 'test_package', 'test_models')
+# Test files, heaviest first (their seconds on 2 cores, 2026-11-29: bench 150, faults 145, search 130, hpc 115,
+# train 110, predict 75, real_data 60, confirm 55, package 40, models 30; the others under 15). With `--dist loadfile
+# --no-loadscope-reorder` pytest-xdist hands whole files to its workers in this order: long files start first and the
+# short ones even out the end, instead of one worker finishing a long file alone.
+HEAVIEST_FIRST = ('test_bench', 'test_faults', 'test_search', 'test_hpc', 'test_train', 'test_predict', 'test_real_data',
+                  'test_confirm', 'test_package', 'test_models')
 
 
 def pytest_collection_modifyitems(items):
