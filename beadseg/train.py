@@ -332,6 +332,7 @@ def seed_everything(seed:int):
 
 def load_resume_point(out_dir:Path):
     "The newest readable resume point: (model, epoch, folder); an unreadable one is set aside with a message. (None, 0, None) if none."
+    for stale in (Path(out_dir)/'state').glob('.epoch_*.tmp'): shutil.rmtree(stale, ignore_errors=True)  # a commit killed half-way
     for epoch, folder in resume_points(out_dir):
         path = point_files(out_dir, folder)[0]
         try: return keras.models.load_model(path), epoch, folder
