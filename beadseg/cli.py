@@ -82,7 +82,7 @@ def show_models(args):
     from beadseg.config import check_model_args
     s = settings_from_args(args)
     side = s['data']['image_size']
-    check_model_args('unet', (side, side, args.channels), s['train']['base_filters'], s['train']['dropout'], 4)  # before TensorFlow loads
+    check_model_args('unet', (side, side, args.channels), s['train']['base_filters'], s['train']['dropout'])  # before TensorFlow loads
     from beadseg.models import parameter_table
     table = parameter_table((side, side, args.channels), s['train']['base_filters'], dropout=s['train']['dropout'])
     print(f"input {side}x{side}x{args.channels}, base filters {s['train']['base_filters']}")

@@ -10,7 +10,7 @@ __all__ = ['BN_MOMENTUM', 'batchnorm', 'apply_projection', 'apply_conv_block', '
 import numpy as np
 import keras
 from keras import layers
-from .config import ARCHITECTURES, check_model_args
+from .config import ARCHITECTURES, DEPTH, check_model_args
 
 # %% ../nbs/01_models.ipynb #7975c641
 BN_MOMENTUM = 0.9  # moving statistics follow the last ~10 steps; Keras' 0.99 lags ~100 (see "BatchNorm momentum")
@@ -50,7 +50,7 @@ def build_model(architecture='unet', # One of `ARCHITECTURES`
                 base_filters=64, # Filters of the first block; each level doubles them
                 dropout=0.3, # Dropout rate after the deepest encoder block and the bridge
                 batchnorm_momentum=BN_MOMENTUM, # Momentum of the BatchNorm after every convolution; None: no BatchNorm
-                depth=4, # Number of pooling steps
+                depth=DEPTH, # Number of pooling steps
                ) -> keras.Model:
     "A U-Net-family segmentation model with a one-channel float32 sigmoid output."
     check_model_args(architecture, input_shape, base_filters, dropout, depth)

@@ -143,7 +143,7 @@ def check_config(config:dict):
     "Raise a one-line `ValueError` if `config` cannot be trained."
     if missing := [k for k in PARAMETERS if k not in config]: raise ValueError(f"configuration lacks {', '.join(missing)}")
     check_model_args(config['architecture'], (config['image_size'], config['image_size'], 1), config['base_filters'],
-                     config['dropout'], 4)
+                     config['dropout'])
     check_loss_name(config['loss_function'])
     if not (isinstance(config['batch_size'], int) and config['batch_size'] >= 1):
         raise ValueError(f"batch_size must be a positive integer. Received: batch_size={config['batch_size']!r}")

@@ -358,11 +358,12 @@ def build_or_resume(config:dict, # The configuration
     if model is not None: print(f'note: now accumulating gradients over {steps} micro-batches; the optimizer state restarts', flush=True)
     # sides left open: the model trains on crops and predicts whole images of any size divisible by 16
     else: model = build_model(config['architecture'], (None, None, channels), config['base_filters'], config['dropout'])
+    xla = xla_on(config['jit_compile'])
     model.compile(optimizer=keras.optimizers.Adam(config['learning_rate'], gradient_accumulation_steps=steps if steps > 1 else None),
                   loss=get_loss(config['loss_function']), metrics=[Jaccard(name='jaccard'), DiceCoef(name='dice')],
-                  jit_compile=xla_on(config['jit_compile']))
+                  jit_compile=xla)
     model.optimizer.build(model.trainable_variables)  # built inside the first step, it makes TensorFlow trace that step twice
-    if resolve_switch(config['jit_compile']) and not xla_on(config['jit_compile']):
+    if resolve_switch(config['jit_compile']) and not xla:
         print('note: jit_compile is on, but XLA is off: on a CPU training uses deterministic ops (same seed, same history), '
               'which XLA cannot', flush=True)
     return model, epoch
