@@ -171,11 +171,11 @@ def run_bench(settings:dict, # As `load_settings` returns
                        kernel_start_s=kernel_s, validation_s=validation_s, error=None)
             print(f"[{i}/{len(configs)}] {row['architecture']} {image_size}x{image_size} batch {row['batch_size']} "
                   f"{row['precision']} xla {row['xla']}", end=' ... ', flush=True)
-            if len(report.samples) < config['batch_size']:
-                row['error'] = f"batch size {config['batch_size']} is larger than the dataset ({len(report.samples)} images)"
-            else:
-                try: row.update(bench_config(config, report.samples, steps, warmup, rounds, reference))
-                except tf.errors.OpError as err: row['error'] = f'{type(err).__name__}: {err.message.strip().splitlines()[0]}'
+            try:
+                data.check_batch_fits(config['batch_size'], len(report.samples), 1, image_size, described)  # one crop an image
+                row.update(bench_config(config, report.samples, steps, warmup, rounds, reference))
+            except ValueError as err: row['error'] = str(err)
+            except tf.errors.OpError as err: row['error'] = f'{type(err).__name__}: {err.message.strip().splitlines()[0]}'
             row['overhead_s'] = kernel_s + validation_s + row.get('build_s', math.nan)
             print(row['error'] or f"{row['images_per_s']:.2f} images/s, ours/reference {row['ratio']:.3f}", flush=True)
             rows.append(row)
@@ -292,10 +292,10 @@ def compare_searches(grid:pd.DataFrame, # The grid's ranked results (`search.col
                      seconds:tuple=(None, None), # Wall-clock seconds of each, if measured
                     ) -> tuple[pd.DataFrame, str]:
     "Epochs each search trained, their ratio, and whether halving's winner is the grid's or within the grid winner's 95 % interval."
-    from beadseg.search import SCORE, scored_rows
+    from beadseg.tables import SCORE, winning_rows
     rows, winners = [], {}
     for name, table, wall in (('grid', grid, seconds[0]), ('halving', halving, seconds[1])):
-        ranked = scored_rows(table)
+        ranked = winning_rows(table)
         winners[name] = best = ranked.iloc[0]
         rows.append(dict(search=name, configurations=len(table), epochs=int(table['epochs_run'].fillna(0).sum()),
                          full_grid_epochs=len(table) * max_epochs, wall_s=wall and round(wall), winner=best['config_id'],
@@ -319,12 +319,14 @@ def halving_bench(settings:dict, # The merged settings (see `HALVING_BENCH`); it
                   out, # Folder for the two run folders and halving_bench.csv
                  ) -> tuple[pd.DataFrame, str]:
     "Run the settings' space as a full grid and as successive halving, one after the other, and `compare_searches`; writes OUT/halving_bench.csv."
-    from beadseg.search import collect, create_run, run_search
+    from beadseg.plan import checked_plan, plan_run
+    from beadseg.search import collect, run_search
     out, s, tables, seconds = Path(out), settings['search'], {}, []
     report = data.check_dataset(settings['data']['dataset'], settings['data']['image_size'], settings['data']['mask_suffix'],
                                 settings['data']['color'])
     for kind in ('grid', 'halving'):
-        run = create_run({**settings, 'search': {**s, 'search_type': kind}}, out/kind, report=report)
+        planned = {**settings, 'search': {**s, 'search_type': kind}}
+        run = plan_run(planned, checked_plan(planned), report, out/kind)
         print(f'beadseg bench: {kind} search in {run}', flush=True)
         started = time.time()
         run_search(run, s['workers'], s['timeout'], progress=False, retries=s['retries'])

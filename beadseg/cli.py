@@ -5,13 +5,14 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'BENCH_DEFAULTS', 'QuietImport', 'QuietLoader', 'quiet_tensorflow_startup', 'skip_iri_format_checker',
            'command', 'show_settings', 'show_models', 'make_parser', 'main', 'fail', 'add_train_arguments',
-           'check_or_record', 'stdout_log', 'exit_status', 'train_command', 'run_planned', 'add_search_arguments',
-           'dataset_ready', 'summarise', 'search_command', 'add_run_dir', 'add_run_one_arguments', 'run_one_command',
-           'add_run_rung_arguments', 'run_rung_command', 'collect_command', 'add_confirm_arguments', 'confirm_command',
-           'add_submit_arguments', 'submit_command', 'add_report_arguments', 'report_command', 'add_model_argument',
-           'given', 'add_predict_arguments', 'predict_command', 'add_evaluate_arguments', 'evaluate_command',
-           'add_synth_arguments', 'synth_command', 'validate_command', 'add_demo_arguments', 'demo_command',
-           'add_bench_arguments', 'bench_command', 'halving_bench_command', 'pipeline_command', 'compile_command']
+           'check_or_record', 'stdout_log', 'exit_status', 'train_command', 'after_collect', 'run_planned',
+           'add_search_arguments', 'dataset_ready', 'summarise', 'search_command', 'add_run_dir',
+           'add_run_one_arguments', 'run_one_command', 'add_run_rung_arguments', 'run_rung_command', 'collect_command',
+           'add_confirm_arguments', 'confirm_command', 'add_submit_arguments', 'submit_command', 'add_report_arguments',
+           'report_command', 'add_model_argument', 'given', 'add_predict_arguments', 'predict_command',
+           'add_evaluate_arguments', 'evaluate_command', 'add_synth_arguments', 'synth_command', 'validate_command',
+           'add_demo_arguments', 'demo_command', 'add_bench_arguments', 'bench_command', 'halving_bench_command',
+           'pipeline_command', 'compile_command']
 
 # %% ../nbs/11_cli.ipynb #f20c4bb7
 import argparse, importlib.abc, importlib.util, os, sys, tempfile
@@ -142,16 +143,16 @@ def stdout_log():
     handler.setFormatter(logging.Formatter('%(message)s'))
     return handler
 
-def exit_status(result:dict) -> int:
+def exit_status(result:dict, epoch_budget:int=0) -> int:
     "0 when the configuration trained to the end and was scored, or a halving search paused or pruned it as planned; 1 otherwise (failed, diverged, crashed, interrupted), so a scheduler shows the job as failed."
-    from beadseg.runs import SCORED, Status
-    return 0 if result.get('status') in (*SCORED, Status.PAUSED, Status.PRUNED) else 1
+    from beadseg.runs import ended_as_planned
+    return 0 if ended_as_planned(result.get('status'), epoch_budget) else 1
 
 @command('train', 'train one configuration through the template notebook (papermill)', add_train_arguments)
 def train_command(args):
     import datetime
     from beadseg.runs import RETRYABLE, config_from_settings, config_id
-    from beadseg.search import run_config
+    from beadseg.execute import run_config
     choices = {k: getattr(args, k) for k in ('architecture', 'batch_size', 'loss_function') if getattr(args, k) is not None}
     settings = settings_from_args(args)
     config = config_from_settings(settings, **choices)
@@ -168,22 +169,34 @@ def train_command(args):
           f"{result['best_epoch']} of {result['epochs_run']}; results in {config['out_dir']}")
 
 # %% ../nbs/11_cli.ipynb #29daaf06
+def after_collect(run_dir) -> dict|None:
+    "What follows `collect` on a finished run, each by its owner: a confirmation's winner (its summary is returned) and the test-set scores."
+    from beadseg.runs import is_confirmation
+    from beadseg.testset import score_test_set
+    summary = None
+    if is_confirmation(run_dir):
+        from beadseg.confirm import write_confirmation
+        summary = write_confirmation(run_dir)
+    score_test_set(run_dir)  # with [data] test_dataset set; loads TensorFlow only then
+    return summary
+
 def run_planned(name:str, # The command, for its messages: 'search' or 'confirm'
                 run_dir:Path, # A planned run (a search or a confirmation)
                 settings:dict, # Its settings
                 args, # The command's arguments (--no-progress, --retry-failed)
                ) -> int:
     "Train every unfinished configuration of `run_dir` and print the outcome; 1 unless every configuration was scored (or pruned by halving)."
-    from beadseg import search
+    from beadseg.runs import ended_as_planned
+    from beadseg.search import run_search
     s = settings['search']
-    table = search.run_search(run_dir, s['workers'], s['timeout'], progress=not args.no_progress, retries=s['retries'],
+    table = run_search(run_dir, s['workers'], s['timeout'], progress=not args.no_progress, retries=s['retries'],
                               retry_failed=getattr(args, 'retry_failed', False))
     print(f'beadseg {name}: {run_dir}: {summarise(table)}')
     print(f'  ranked results: {run_dir}/search_results_final.csv; log: {run_dir}/search.log')
-    if search.is_confirmation(run_dir):
-        print(f"beadseg {name}: {search.confirmation_summary(run_dir)['statement']}")
+    if summary := after_collect(run_dir):
+        print(f"beadseg {name}: {summary['statement']}")
         print(f'  finalists over folds: {run_dir}/confirm_results.csv; the winner: {run_dir}/best_hyperparameters.json')
-    if unscored := (~table.status.isin((*search.SCORED, search.Status.PRUNED))).sum():  # pruned: as a halving search planned
+    if unscored := (~ended_as_planned(table.status)).sum():  # pruned: as a halving search planned
         print(f'beadseg {name}: {unscored} of {len(table)} configurations did not finish with a score; '
               f'`beadseg search --resume {run_dir}` continues interrupted and crashed ones', file=sys.stderr)
     return 1 if unscored else 0  # 1 also when every configuration diverged: nothing was found
@@ -219,23 +232,24 @@ def dataset_ready(settings:dict, # The merged settings
     return data.check_dataset(folder, d['image_size'], d['mask_suffix'], d['color'])
 
 def summarise(table) -> str:
-    from beadseg.search import SCORE, scored_rows
+    from beadseg.tables import SCORE, winning_rows
     counts = table.status.value_counts()
-    done = scored_rows(table)
+    done = winning_rows(table)
     best = f"; best {done.config_id.iloc[0]} with validation Jaccard {done[SCORE].iloc[0]:.4f}" if len(done) else ''
     return ', '.join(f'{n} {s}' for s, n in counts.items()) + best
 
 @command('search', 'plan and run a grid, random or halving search (one papermill notebook per configuration)', add_search_arguments)
 def search_command(args):
-    from beadseg import search
+    from beadseg import plan as planning
+    from beadseg.runs import read_plan
     if args.resume:
         run_dir = Path(args.resume)
-        search.read_plan(run_dir)
+        read_plan(run_dir)
         settings = read_settings(run_dir/'settings.ini')
         print(f'beadseg search: resuming {run_dir} with its own settings ({run_dir}/settings.ini)', flush=True)
     else:
         settings = settings_from_args(args)
-        plan = search.make_plan(settings)
+        plan = planning.make_plan(settings)
         if args.dry_run:
             print(plan.to_string(index=False))
             if settings['search']['search_type'] == 'halving':
@@ -243,14 +257,9 @@ def search_command(args):
                 print(*schedule_lines(settings, len(plan)), sep='\n')
             print(f"{len(plan)} configurations ({settings['search']['search_type']} search); nothing was run (--dry-run)")
             return
-        from beadseg.runs import check_config
-        for config in search.plan_configs(settings, plan): check_config(config)  # every planned configuration, before anything runs
-        report = dataset_ready(search.validation_settings(settings, plan), args.synthetic)  # at the smallest planned image size
-        search.check_plan(plan, settings, report.summary)
-        if test := settings['data']['test_dataset']:  # checked now, used by `collect` at the end
-            from beadseg.data import check_dataset
-            check_dataset(test, 16, settings['data']['mask_suffix'], settings['data']['color'])
-        run_dir = search.create_run(settings, args.out, plan, report)
+        planning.checked_plan(settings, plan)  # every planned configuration, before anything runs
+        report = dataset_ready(planning.validation_settings(settings, plan), args.synthetic)  # at the smallest planned image size
+        run_dir = planning.plan_run(settings, plan, report, args.out)
         print(f'beadseg search: {len(plan)} configurations planned in {run_dir}', flush=True)
         if args.plan_only: return
     return run_planned('search', run_dir, settings, args)
@@ -267,13 +276,14 @@ def add_run_one_arguments(parser):
 
 @command('run-one', 'train configuration K of a planned run (what scheduler array tasks call)', add_run_one_arguments)
 def run_one_command(args):
-    from beadseg import search
-    config = search.config_for(args.run_dir, args.index)
+    from beadseg.runs import config_for, run_config_id
+    from beadseg.execute import run_config
+    config = config_for(args.run_dir, args.index)
     settings = read_settings(Path(args.run_dir)/'settings.ini')
-    result = search.run_config(config, settings['search']['timeout'], stdout_log(), settings['search']['retries'], args.retry_failed,
+    result = run_config(config, settings['search']['timeout'], stdout_log(), settings['search']['retries'], args.retry_failed,
                                args.epoch_budget)
-    print(f"beadseg run-one: {search.run_config_id(config)}: {result['status']}" + (f": {result['error']}" if result.get('error') else ''))
-    return exit_status(result)  # non-zero unless scored, so the scheduler shows a failed subjob as failed
+    print(f"beadseg run-one: {run_config_id(config)}: {result['status']}" + (f": {result['error']}" if result.get('error') else ''))
+    return exit_status(result, args.epoch_budget)  # non-zero unless scored, so the scheduler shows a failed subjob as failed
 
 def add_run_rung_arguments(parser):
     add_run_dir(parser)
@@ -284,7 +294,7 @@ def add_run_rung_arguments(parser):
 @command('run-rung', 'train the configuration in slot I of rung K of a halving run, decided from rung K-1 (what rung array tasks call)',
          add_run_rung_arguments)
 def run_rung_command(args):
-    from beadseg import halving, search
+    from beadseg import halving
     index, budget = halving.slot_to_train(args.run_dir, args.rung, args.slot)
     if index is None:
         print(f'beadseg run-rung: rung {args.rung} slot {args.slot} is spare: only {len(halving.entrants(args.run_dir, args.rung))} '
@@ -298,6 +308,7 @@ def run_rung_command(args):
 def collect_command(args):
     from beadseg.search import collect
     table = collect(args.run_dir)
+    after_collect(args.run_dir)
     print(f'beadseg collect: {args.run_dir}: {summarise(table)}')
 
 # %% ../nbs/11_cli.ipynb #ee531b0b
@@ -313,14 +324,14 @@ def add_confirm_arguments(parser):
 @command('confirm', "retrain a search's best configurations on F folds and rank them by their mean over folds", add_confirm_arguments)
 def confirm_command(args):
     "Plan a confirmation run beside RUN_DIR and (unless --plan-only) train it like `beadseg search`."
-    from beadseg import search
+    from beadseg.confirm import confirmation_plan, create_confirmation
+    from beadseg.plan import checked_plan, validation_settings
     parent = Path(args.run_dir)
-    plan = search.confirmation_plan(parent, args.top, args.folds)  # the refusals that need no data (nor TensorFlow)
-    from beadseg.runs import check_config
+    plan = confirmation_plan(parent, args.top, args.folds)  # the refusals that need no data (nor TensorFlow)
     args.settings = args.settings or str(parent/'settings.ini')  # the parent's settings, with the flags given
     settings = settings_from_args(args)
-    for config in search.plan_configs(settings, plan): check_config(config)
-    run_dir = search.create_confirmation(parent, settings, plan, dataset_ready(search.validation_settings(settings, plan)))
+    checked_plan(settings, plan)
+    run_dir = create_confirmation(parent, settings, plan, dataset_ready(validation_settings(settings, plan)))
     print(f'beadseg confirm: {args.top} finalists of {parent} on {args.folds} folds: {len(plan)} configurations planned in {run_dir}',
           flush=True)
     if not args.plan_only: return run_planned('confirm', run_dir, settings, args)
@@ -393,7 +404,7 @@ def predict_command(args):
     log = lambda line: print(line, file=sys.stderr)
     run = predict(args.model, args.inputs, args.out, args.threshold, args.min_size, tile_size=args.tile_size,
                   overlap=args.overlap, tta=args.tta, save_prob=args.save_prob, overwrite=args.overwrite,
-                  batch_size=args.tiles_per_batch, progress=not args.no_progress, log=log, **overrides)
+                  tiles_per_batch=args.tiles_per_batch, progress=not args.no_progress, log=log, **overrides)
     counts, s = run['counts'], run['settings']
     print(f"beadseg predict: {len(counts)} images, {int(counts.bead_count.sum())} beads (threshold {s['threshold']}, "
           f"min size {s['min_size']}, shrink {s['shrink']}, tiles of {s['tile_size']}); results in {run['out']}"
@@ -410,7 +421,8 @@ def add_evaluate_arguments(parser):
 @command('evaluate', 'score a model on a held-out labelled test set', add_evaluate_arguments)
 def evaluate_command(args):
     "Evaluate the model on DATASET and print its scores."
-    from beadseg.predict import evaluate_model, score_top
+    from beadseg.predict import evaluate_model
+    from beadseg.testset import score_top
     if args.top:
         table = score_top(args.model, args.dataset, args.top)
         print(table[['config_id', 'best_val_jacard', 'test_jaccard', 'test_object_f1', 'test_count_mae']].to_string(index=False))

@@ -7,8 +7,8 @@ __all__ = ['IMAGE_EXTENSIONS', 'CHANNELS', 'DIHEDRAL', 'read_pixels', 'named', '
            'read_image', 'check_labels', 'mask_instances', 'read_instances', 'shrink_labels', 'read_mask', 'Sample',
            'image_files', 'match_files', 'find_pairs', 'count_beads', 'read_checked', 'check_sample', 'DatasetReport',
            'summarise', 'validate_dataset', 'check_dataset', 'density_bins', 'allocate', 'split_sizes', 'split_dataset',
-           'crops_per_image', 'crops_per_epoch', 'fold_dataset', 'save_split', 'split_report', 'load_split',
-           'read_labels', 'load_arrays']
+           'crops_per_image', 'crops_per_epoch', 'check_batch_fits', 'fold_dataset', 'save_split', 'split_report',
+           'load_split', 'read_labels', 'load_arrays']
 
 # %% ../nbs/02_data.ipynb #09ca9efd
 import json, logging
@@ -334,6 +334,19 @@ def crops_per_epoch(summary:dict, # `DatasetReport.summary`
                    ) -> int:
     "Training samples in one epoch: training images times `crops_per_image`."
     return split_sizes(summary['n_images'], val_split)[0] * crops_per_image(summary, image_size)
+
+def check_batch_fits(batch_sizes, # A batch size, or several (a plan's)
+                     n_train:int, # Training images of an epoch
+                     crops:int, # Random crops of each per epoch (`crops_per_image`)
+                     image_size:int, # The crops' side
+                     source, # The images, for the message: the dataset folder
+                    ):
+    "A one-line `ValueError` naming every batch size larger than an epoch's training crops: such a batch can never be filled."
+    per_epoch = n_train * crops
+    if too_big := sorted({int(b) for b in np.atleast_1d(batch_sizes) if b > per_epoch}):
+        raise ValueError(f"batch size {', '.join(map(str, too_big))} is larger than an epoch's {per_epoch} training crops of "
+                         f"{image_size} px ({n_train} training images of {source}, {crops} crops each); "
+                         f"use smaller batch sizes or more images")
 
 # %% ../nbs/02_data.ipynb #0897ac3d
 def fold_dataset(stems, # Image stems

@@ -29,7 +29,9 @@ def demo(out='runs', # Where the demo dataset and run folder go
          settings_path=None, # A settings file (default: found as usual)
         ) -> dict:
     "Run the whole workflow on synthetic beads; returns the artefacts' paths and whether every step succeeded."
-    from beadseg import data, search
+    from beadseg import data, plan, search
+    from beadseg.runs import may_win
+    from beadseg.tables import SCORE
     from beadseg.report import render_report
     from beadseg.synthetic import synthesize
     settings, started, ok = demo_settings(settings_path, quick), time.time(), True
@@ -44,13 +46,13 @@ def demo(out='runs', # Where the demo dataset and run folder go
     print(report.table())
     if not report.ok: return dict(ok=False, dataset=dataset)
     step(3, f"Random search: {settings['search']['n_random']} configurations through papermill")
-    run_dir = search.create_run(settings, out, report=report)  # validated and split once, for every configuration
+    run_dir = plan.plan_run(settings, plan.checked_plan(settings), report, out)  # validated and split once, for every configuration
     print(f'  run folder: {run_dir}', flush=True)
     table = search.run_search(run_dir, workers=1, timeout=settings['search']['timeout'])
     step(4, 'Collecting the ranked results')
     table = search.collect(run_dir)
-    print(table[['rank', 'config_id', 'status', search.SCORE, 'object_f1']].to_string(index=False))
-    ok = bool(table.status.isin(search.SCORED).all())
+    print(table[['rank', 'config_id', 'status', SCORE, 'object_f1']].to_string(index=False))
+    ok = bool(may_win(table.status).all())
     step(5, 'Rendering the HTML report')
     html = render_report(run_dir, reports)
     print(f'\nbeadseg demo: {"done" if ok else "FINISHED WITH FAILURES"} in {time.time() - started:.0f} s')

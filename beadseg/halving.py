@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 import pandas as pd
 from .config import read_settings
-from .runs import Status, FINISHED, read_result, write_result, write_csv
-from .search import config_lock, read_plan, search_logger
+from .runs import Status, config_lock, is_final, read_plan, read_result, search_logger, write_csv, write_result
+
 
 # %% ../nbs/16_halving.ipynb #e8a9f427
 def rung_budgets(min_epochs:int, # Epochs of the first rung
@@ -66,7 +66,7 @@ def done_in_rung(result:dict|None, # A configuration's result.json (None: never 
     "Whether a configuration has ended the rung of `budget` epochs: it is final (scored, diverged, failed, pruned), or paused at the budget."
     status = (result or {}).get('status')
     if status == Status.FAILED: return not retry_failed
-    return status in FINISHED or (status == Status.PAUSED and (result.get('epochs_run') or 0) >= budget)
+    return is_final(status) or (status == Status.PAUSED and (result.get('epochs_run') or 0) >= budget)
 
 def rung_file(run_dir, rung:int) -> Path:
     "Where the closed `rung`'s records are: RUN_DIR/rungs/rung_K.csv."

@@ -14,8 +14,8 @@ from pathlib import Path
 from .config import read_settings
 
 # %% ../nbs/05_hpc.ipynb #12cb9735
-from .runs import FINISHED
-from .search import indices_to_run, read_plan, unfinished_indices
+from .runs import indices_to_run, read_plan
+from .halving import is_halving, rung_slots
 
 # %% ../nbs/05_hpc.ipynb #b5398ab9
 def index_ranges(indices, # Plan indices
@@ -248,7 +248,6 @@ def write_jobs(run_dir, # A planned run
                retry_failed:bool=False, # Failed configurations count as unfinished, and are trained again
               ) -> dict:
     "Write the job scripts of `mode` into RUN_DIR/jobs/ (a halving run's array mode: one array per rung); {name: path} in submission order, empty when nothing is left to run."
-    from beadseg.halving import is_halving, rung_slots
     run_dir = Path(run_dir)
     if scheduler not in SCHEDULERS: raise ValueError(f"unknown scheduler {scheduler!r} (expected {', '.join(SCHEDULERS)})")
     if mode == 'sequential': jobs = [('sequential', 'sequential', sorted(read_plan(run_dir)['index']), 0)]

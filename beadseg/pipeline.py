@@ -93,7 +93,7 @@ def fits_in_memory(samples:list, color:str='gray', fraction:float=0.25) -> bool:
 # %% ../nbs/15_pipeline.ipynb #a315a0d7
 def make_dataset(samples:list, # Pairs from `find_pairs` (or `DatasetReport.samples`)
                  image_size:int, # Side of the crops (training) or tiles (validation)
-                 batch_size:int,
+                 micro_batch:int, # Images per batch: the micro-batch of one pass (the whole batch without gradient accumulation)
                  training:bool, # Shuffled random crops (augmented if `augment`), else fixed tiles
                  augment:bool=True, # Geometric and photometric augmentation while training
                  seed:int=0, # Same seed, same batches
@@ -125,4 +125,4 @@ def make_dataset(samples:list, # Pairs from `find_pairs` (or `DatasetReport.samp
         ds = tf.data.Dataset.zip(shuffled, seeds)
         ds = ds.map(crop_augment, num_parallel_calls=tf.data.AUTOTUNE)
     else: ds = ds.flat_map(lambda image, mask: tiles(image, mask, image_size))
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return ds.batch(micro_batch).prefetch(tf.data.AUTOTUNE)

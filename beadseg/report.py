@@ -25,7 +25,8 @@ import beadseg
 
 # %% ../nbs/06_report.ipynb #0ba1b4a9
 from .config import TEMPLATES
-from .search import SCORE, FACTORS, COLUMNS, result_row, rank_results, results_table
+from .runs import FACTORS
+from .tables import SCORE, COLUMNS, results_table
 from .runs import stderr_to
 from .runs import Status, WITH_SCORE as SCORED  # the statuses whose rows carry a validation score
 
@@ -227,7 +228,8 @@ def failures_table(results:pd.DataFrame) -> pd.DataFrame:
 # %% ../nbs/06_report.ipynb #8af5c9b3
 def confirmation_view(run:Run) -> tuple|None:
     "(the finalists over folds, the distinguishability sentence) of a confirmation run; None for a search."
-    from beadseg.search import confirmation_summary, is_confirmation
+    from beadseg.confirm import confirmation_summary
+    from beadseg.runs import is_confirmation
     if not is_confirmation(run.path): return None
     summary = confirmation_summary(run.path)
     return summary['table'].set_index('rank'), summary['statement']

@@ -25,6 +25,7 @@ from .runs import (Status, read_result, is_finished, start_result, finish_result
 from .losses import get_loss, Jaccard, DiceCoef
 from .models import build_model
 from .metrics import score_predictions
+from .inference import predict_tiled, choose_postprocessing
 
 # %% ../nbs/03_train.ipynb #c3a2805f
 def git_commit() -> str:
@@ -249,14 +250,12 @@ class StopOnSignal(keras.callbacks.Callback):
     def on_train_end(self, logs=None): self.fitting = False
 
 # %% ../nbs/03_train.ipynb #59bef37e
-from .predict import predict_tiled, choose_postprocessing
-
 def predict_images(model, # A Keras segmentation model
                    images:list, # float32 (H, W, C) images, any size
                    tile_size:int=512, # Tile side; an image no larger is predicted whole
-                   **kwargs, # `predict_tiled`'s overlap, tta, batch_size
+                   **kwargs, # `predict_tiled`'s overlap, tta, tiles_per_batch
                   ) -> list:
-    "Foreground probabilities (H, W) of `model` for each image, float32: `beadseg.predict.predict_tiled`, as `beadseg predict` does."
+    "Foreground probabilities (H, W) of `model` for each image, float32: `beadseg.inference.predict_tiled`, as `beadseg predict` does."
     return [predict_tiled(model, image, tile_size, **kwargs) for image in images]
 
 # %% ../nbs/03_train.ipynb #48c0cff8
@@ -318,10 +317,8 @@ def prepare_data(config:dict, # The configuration
         raise ValueError(f"{config['dataset']}: {len(missing)} image{'s' if len(missing) > 1 else ''} of {split_file} no longer "
                          f"there (e.g. {missing[0]}); run `beadseg validate {config['dataset']}`")
     train_samples, val_samples = [by_stem[s] for s in train_stems], [by_stem[s] for s in val_stems]
-    per_epoch = len(train_samples) * crops_per_image(report.summary, config['image_size'])
-    if config['batch_size'] > per_epoch:
-        raise ValueError(f"batch_size {config['batch_size']} is larger than the training set ({per_epoch} crops of "
-                         f"{len(train_samples)} images of {config['dataset']}); use a smaller batch size or more images")
+    data.check_batch_fits(config['batch_size'], len(train_samples), crops_per_image(report.summary, config['image_size']),
+                          config['image_size'], config['dataset'])
     return report, train_samples, val_samples
 
 # %% ../nbs/03_train.ipynb #d740c760

@@ -40,7 +40,7 @@ def test_bench_records_a_batch_larger_than_the_dataset(beads, tmp_path):
     done = run_beadseg('bench', '--dataset', beads, '--batch-sizes', '8', *TINY, '--no-overhead', '--out', out)
     assert done.returncode == 1
     table = pd.read_csv(out)
-    assert table.error.tolist() == ['batch size 8 is larger than the dataset (6 images)']
+    assert table.error.str.startswith("batch size 8 is larger than an epoch's 6 training crops of 64 px").all(), table.error
     assert table.images_per_s.isna().all()
 
 

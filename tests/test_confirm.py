@@ -11,7 +11,8 @@ TINY = ('--image-size', '64', '--base-filters', '8', '--max-epochs', '1', '--lea
 def scored_search(root, scores):
     "A planned search of tiny configurations on ten synthetic 64 x 64 images, recorded as finished with `scores` (nothing trained)."
     from beadseg.runs import Status, write_json
-    from beadseg.search import collect, config_for
+    from beadseg.search import collect
+    from beadseg.runs import config_for
     assert run_beadseg('synth', root/'beads', '--n-images', '10', '--size', '64').returncode == 0
     losses = ','.join(['dice', 'focal', 'combined'][:len(scores)])
     done = run_beadseg('search', '--plan-only', '--dataset', root/'beads', '--out', root/'runs', *TINY, '--loss-functions', losses, cwd=root)

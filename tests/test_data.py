@@ -305,7 +305,7 @@ def batches(ds): return [(i.numpy(), m.numpy()) for i, m in ds]
 
 def test_training_batches_are_aligned_bounded_and_reproducible(mask_images):
     before = fingerprint(mask_images[0].image.parent.parent)
-    make = lambda seed, **kw: make_dataset(mask_images, 64, batch_size=4, training=True, seed=seed, **kw)
+    make = lambda seed, **kw: make_dataset(mask_images, 64, micro_batch=4, training=True, seed=seed, **kw)
     ds = make(1)
     epochs = [batches(ds), batches(ds)]
     assert [len(b[0]) for b in epochs[0]] == [4, 2]          # one crop per image and epoch, last batch kept
@@ -328,9 +328,9 @@ def test_unaugmented_and_validation_data(mask_images):
     crops, crop_masks = batches(make_dataset(mask_images[:1], 64, 1, training=True, augment=False))[0]
     found = [(y, x) for y in range(33) for x in range(33) if np.array_equal(images[0][y:y + 64, x:x + 64], crops[0])]
     assert len(found) == 1 and np.array_equal(masks[0][found[0][0]:found[0][0] + 64, found[0][1]:found[0][1] + 64], crop_masks[0, ..., 0])
-    tiles = batches(make_dataset(mask_images[:2], 32, batch_size=5, training=False))
+    tiles = batches(make_dataset(mask_images[:2], 32, micro_batch=5, training=False))
     assert [len(t[0]) for t in tiles] == [5, 5, 5, 3]          # 9 tiles of 32 per 96 x 96 image, 2 images
     first = np.concatenate([t[0] for t in tiles])[:9]
     np.testing.assert_array_equal(first.reshape(3, 3, 32, 32, 1).transpose(0, 2, 1, 3, 4).reshape(96, 96, 1), images[0])
-    for a, b in zip(tiles, batches(make_dataset(mask_images[:2], 32, batch_size=5, training=False))):
+    for a, b in zip(tiles, batches(make_dataset(mask_images[:2], 32, micro_batch=5, training=False))):
         np.testing.assert_array_equal(a[0], b[0]); np.testing.assert_array_equal(a[1], b[1])

@@ -210,7 +210,8 @@ def test_ctrl_c_stops_the_search_cleanly_and_a_resume_completes_it(run):
 def fake_run(tmp_path, statuses):
     "A planned run whose configurations have the given statuses, without training anything."
     from beadseg.config import PROJECT_SETTINGS, load_settings
-    from beadseg.search import create_run, config_for, write_json
+    from beadseg.plan import create_run
+    from beadseg.runs import config_for, write_json
     settings = load_settings(PROJECT_SETTINGS, dict(search_type='grid', architectures='unet', batch_sizes='4',
                                                     loss_functions=','.join(['dice', 'focal', 'tversky'][:len(statuses)])))
     run = create_run(settings, tmp_path/'runs')
@@ -235,7 +236,8 @@ def test_exit_statuses_are_honest(tmp_path):
 
 def test_crashes_are_retried_up_to_the_limit_then_failed(tmp_path):
     from nbclient.exceptions import DeadKernelError
-    from beadseg.search import after_failure, indices_to_run, is_finished
+    from beadseg.execute import after_failure
+    from beadseg.runs import indices_to_run, is_finished
     dead, result = DeadKernelError('Kernel died'), {'status': 'running'}
     for n in (1, 2):
         result = after_failure(result, dead, 'the kernel died', stopped=False, retries=2)
@@ -251,7 +253,7 @@ def test_crashes_are_retried_up_to_the_limit_then_failed(tmp_path):
 
 def test_only_our_own_kernel_is_ever_signalled(tmp_path):
     "kernel.pid is trusted only when it names a child of ours with the start time it recorded: no stranger, no reused pid."
-    from beadseg.search import our_kernel, process_stat
+    from beadseg.runs import our_kernel, process_stat
     child = subprocess.Popen(['sleep', '60'])
     stranger = int(subprocess.run(['sh', '-c', 'sleep 60 >/dev/null 2>&1 & echo $!'], capture_output=True, text=True).stdout)
     write = lambda pid, start: (tmp_path/'kernel.pid').write_text(json.dumps(dict(pid=pid, start=start)))
@@ -267,7 +269,8 @@ def test_only_our_own_kernel_is_ever_signalled(tmp_path):
 
 def test_collect_drops_a_stale_best_when_nothing_is_scored(tmp_path):
     import shutil
-    from beadseg.search import collect, write_json, config_for
+    from beadseg.search import collect
+    from beadseg.runs import write_json, config_for
     run = fake_run(tmp_path, ['running'])
     (run/'best_hyperparameters.json').write_text('{"config_id": "stale"}')
     shutil.rmtree(run/'configs')

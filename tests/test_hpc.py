@@ -4,7 +4,7 @@ from pathlib import Path
 import pandas as pd, pytest
 from conftest import run_beadseg, ROOT
 from beadseg.config import load_settings, write_settings
-from beadseg.hpc import unfinished_indices
+from beadseg.runs import indices_to_run
 
 VENV_BIN = Path(sys.executable).parent
 SUBMIT_ARGS = dict(pbs=['qsub'], torque=['qsub'], slurm=['sbatch', '--parsable'])
@@ -141,7 +141,7 @@ def test_resubmission_after_a_partial_run_includes_only_unfinished(tmp_path):
     # finished: completed, early_stopped, nan, failed; unfinished: still running, truncated result.json, none at all
     statuses = {0: 'completed', 1: 'running', 2: 'early_stopped', 3: 'nan', 4: '{"status": "compl', 5: 'failed'}
     run = make_run(tmp_path, 7, statuses)
-    assert unfinished_indices(run) == [1, 4, 6]
+    assert indices_to_run(run) == [1, 4, 6]
     for scheduler, lines in [('slurm', ['#SBATCH --array=1,4,6']), ('torque', ['#PBS -t 1,4,6']),
                              ('pbs', ['#PBS -J 0-2', 'indices=(1 4 6)'])]:
         assert submit(tmp_path, scheduler, '--dry-run', '--only-unfinished').returncode == 0
@@ -400,7 +400,7 @@ def test_slurm_array_and_summary_with_a_stand_in(slurm, tmp_path):
     assert calls[-2:] == [f'collect {run_dir}', f'report {run_dir}']
     # the summary job ran once the whole array had ended, the failed subjob included: it collected the one result
     assert (run/'search_results_final.csv').read_text().splitlines()[1:] == ['0,000_unet_bs8_focal']
-    assert unfinished_indices(run) == [1]
+    assert indices_to_run(run) == [1]
     for name in ('search_results_final.csv', 'best_hyperparameters.json', 'report.html'):
         assert (run/name).is_file(), name
     for log, status in (('config_0.log', 0), ('config_1.log', 1), ('summary.log', 0)):

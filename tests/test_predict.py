@@ -44,7 +44,8 @@ def val_images(trained):
 
 
 def test_training_records_the_postprocessing_and_predict_uses_it(trained, tmp_path):
-    from beadseg.predict import THRESHOLDS, predict
+    from beadseg.inference import THRESHOLDS
+    from beadseg.predict import predict
     run, _, result = trained
     post = result['postprocessing']
     assert post['threshold'] in THRESHOLDS and post['min_size'] >= 0 and post['chosen_on'] == 'validation images'
@@ -85,7 +86,7 @@ def test_tiled_and_whole_image_predictions_agree(trained, model):
     from scipy import ndimage as ndi
     from beadseg import data
     from beadseg.metrics import match_objects
-    from beadseg.predict import predict_tiled, segment, tile_starts
+    from beadseg.inference import predict_tiled, segment, tile_starts
     image = data.read_image(val_images(trained)[0])
     whole = predict_tiled(model, image, 512)
     inside = whole >= 0.5
@@ -111,7 +112,7 @@ def test_tiled_and_whole_image_predictions_agree(trained, model):
 
 def test_tta_averages_the_eight_orientations(model, trained):
     from beadseg import data
-    from beadseg.predict import predict_tiled
+    from beadseg.inference import predict_tiled
     image = data.read_image(val_images(trained)[0])[:128, :128]
     views = []
     for flip in (False, True):
@@ -257,7 +258,7 @@ def test_the_notebook_shows_counts_and_overlays(trained, tmp_path):
 
 def test_evaluate_top_configurations_of_a_run(trained, tmp_path):
     "`--top 2` on a run folder: the two best scored configurations (a failed one is passed over) get test scores."
-    from beadseg.search import COLUMNS
+    from beadseg.tables import COLUMNS
     run, beads, result = trained
     for name in ('aaa', 'bbb', 'ccc'): shutil.copytree(run, tmp_path/'run'/'configs'/name)
     ranked = pd.DataFrame([dict(rank=1, config_id='ccc', status='failed', best_val_jacard=''),
@@ -275,7 +276,7 @@ def test_evaluate_top_configurations_of_a_run(trained, tmp_path):
     assert table.test_jaccard[0] == pytest.approx(single['jaccard']) and table.n_test_images[0] == 1
     assert table.test_jaccard_ci_low[0] <= table.test_jaccard[0] <= table.test_jaccard_ci_high[0]
     # again: the evaluations are reused, unless the test set changed
-    from beadseg.predict import score_top
+    from beadseg.testset import score_top
     stamp = (tmp_path/'run'/'configs'/'bbb'/'evaluation.json').stat().st_mtime_ns
     assert list(score_top(tmp_path/'run', test, 2).test_jaccard) == list(table.test_jaccard)
     assert (tmp_path/'run'/'configs'/'bbb'/'evaluation.json').stat().st_mtime_ns == stamp

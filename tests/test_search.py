@@ -150,7 +150,7 @@ def test_kill_9_of_the_driver_then_resume_completes_a_search_over_a_further_dime
     assert table.base_filters.to_dict() == {ids[0]: 4, ids[1]: 8} and table.params[ids[0]] < table.params[ids[1]]
     result = json.loads((run/'configs'/ids[0]/'result.json').read_text())
     assert result['config']['base_filters'] == 4 and result['config_id'] == ids[0]  # the run's id, naming the dimension
-    from beadseg.predict import score_top  # as [data] test_dataset does: the test table names the dimension too
+    from beadseg.testset import score_top  # as [data] test_dataset does: the test table names the dimension too
     assert score_top(run, beads, top=2).set_index('config_id').base_filters.to_dict() == {ids[0]: 4, ids[1]: 8}
     report = run_beadseg('report', run, '--out', tmp_path/'reports', timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]

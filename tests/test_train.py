@@ -139,7 +139,8 @@ def test_template_parameters_are_the_settings_defaults():
     "The template's parameter cell holds every configuration key, with settings.ini's values (paths aside)."
     import papermill
     from beadseg.config import PROJECT_SETTINGS, load_settings
-    from beadseg.search import PARAMETERS, TEMPLATE, config_from_settings
+    from beadseg.runs import PARAMETERS, config_from_settings
+    from beadseg.execute import TEMPLATE
     parameters = papermill.inspect_notebook(str(TEMPLATE))
     assert tuple(parameters) == (*PARAMETERS, 'epoch_budget') and parameters['epoch_budget']['default'] == '0'  # 0: no rung budget
     parameters.pop('epoch_budget')
@@ -152,7 +153,7 @@ def test_template_parameters_are_the_settings_defaults():
 def micro_config(beads, out, **overrides):
     "A tiny configuration whose epoch holds 144 crops of 32 x 32 (9 training images of 128 x 128, 16 crops each)."
     from beadseg.config import load_settings
-    from beadseg.search import config_from_settings
+    from beadseg.runs import config_from_settings
     return config_from_settings(load_settings(None, dict(image_size=32, base_filters=4, max_epochs=1, learning_rate=1e-3,
                                                          val_split=0.25)),
                                 dataset=str(beads), batch_size=32, loss_function='focal', out_dir=str(out), **overrides)
