@@ -142,9 +142,10 @@ def model_and_record(model, # A .keras file, configuration folder or search run 
     "(loaded model, its result.json or {}), saying in one line when a model file has no record beside it."
     if not isinstance(model, (str, Path)): return model, {}
     path, result = find_model(model)
+    loaded = load_model(path)  # a file that is no model: one line about that, not about its record
     if not result: log(f'{path}: no result.json beside it: reading as {DEFAULTS["color"]}, shrink {DEFAULTS["shrink"]}, '
                        f'tiles of {DEFAULTS["tile_size"]} unless given')
-    return load_model(path), result
+    return loaded, result
 
 def predict_image(model, # A loaded Keras model
                   path:Path, # The image

@@ -1,21 +1,31 @@
-import os, subprocess, sys
+import collections, json, os, subprocess, sys
 from pathlib import Path
 from beadseg.config import PROJECT_SETTINGS
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 ROOT = Path(__file__).resolve().parent.parent
 
-# Test files, heaviest first (their seconds on 2 cores, 2026-11-29: bench 150, faults 145, search 130, hpc 115,
-# train 110, predict 75, real_data 60, confirm 55, package 40, models 30; the others under 15). With `--dist loadfile
-# --no-loadscope-reorder` pytest-xdist hands whole files to its workers in this order: long files start first and the
-# short ones even out the end, instead of one worker finishing a long file alone.
-HEAVIEST_FIRST = ('test_bench', 'test_faults', 'test_search', 'test_hpc', 'test_train', 'test_predict', 'test_real_data',
-                  'test_confirm', 'test_package', 'test_models')
+# Test files run heaviest first, by the seconds each took in the last whole run (tests/durations.json, which that run
+# rewrites). With `--dist loadfile --no-loadscope-reorder` pytest-xdist hands whole files to its workers in this order:
+# long files start first and the short ones even out the end, instead of one worker finishing a long file alone.
+DURATIONS = Path(__file__).with_name('durations.json')
+measured = collections.Counter()  # seconds per test file in this run (setup, call and teardown of its tests)
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: tests keep their order within a file
+    seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+    items.sort(key=lambda item: -seconds.get(item.path.stem, 0))  # stable: tests keep their order within a file
+
+
+def pytest_runtest_logreport(report):
+    measured[Path(report.fspath).stem] += report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    "After a whole, passing run (not a worker's share, not a selection): record each file's seconds for the next run's order."
+    files = {p.stem for p in Path(__file__).parent.glob('test_*.py')}
+    if hasattr(session.config, 'workerinput') or exitstatus != 0 or set(measured) != files: return
+    DURATIONS.write_text(json.dumps({k: round(v) for k, v in sorted(measured.items(), key=lambda kv: -kv[1])}, indent=1) + '\n')
 
 
 def run_beadseg(*args, cwd=ROOT, env=None, timeout=300):

@@ -278,6 +278,21 @@ def test_collect_drops_a_stale_best_when_nothing_is_scored(tmp_path):
     assert list(table.status) == ['pending'] and not (run/'best_hyperparameters.json').exists()
 
 
+def test_a_failed_configuration_with_a_score_is_listed_but_never_wins(tmp_path):
+    "Its evaluation failed after training: the table shows its score and status after the scored ones; the best is a scored one."
+    from beadseg.runs import read_result, write_json
+    run = fake_run(tmp_path, ['completed', 'failed', 'pruned'])
+    for config, score in zip(sorted((run/'configs').iterdir()), [0.6, 0.9, 0.5]):  # the failed one has the highest score
+        write_json(config/'result.json', {**read_result(config), 'best_val_jaccard': score, 'best_epoch': 3})
+    done = run_beadseg('collect', run)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(run/'search_results_final.csv')
+    assert table.status.tolist() == ['completed', 'pruned', 'failed'] and table.best_val_jacard.tolist() == [0.6, 0.5, 0.9]
+    best = json.loads((run/'best_hyperparameters.json').read_text())
+    assert best['config_id'] == table.config_id[0] and best['best_val_jaccard'] == 0.6
+    assert 'best 000_unet_bs4_dice with validation Jaccard 0.6000' in done.stdout
+
+
 def test_report_renders_empty_and_partial_histories(tmp_path):
     "A run caught mid-write: histories empty, header-only and cut mid-line. `beadseg report` renders it, no traceback."
     from test_report import make_run as make_report_run, config

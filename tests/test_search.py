@@ -49,7 +49,7 @@ def search_run(beads, tmp_path_factory):
     out = tmp_path_factory.mktemp('search')/'runs'
     refused = run_beadseg('search', '--dataset', beads, '--out', out, *TINY, '--batch-sizes', '4,64', '--loss-functions', 'dice')
     assert refused.returncode == 2 and not out.exists(), refused.stderr
-    assert refused.stderr.strip() == (f"beadseg search: error: batch size 64 is larger than an epoch's 24 training crops "
+    assert refused.stderr.strip() == (f"beadseg search: error: batch size 64 is larger than an epoch's 24 training crops of 64 px "
                                       f"(6 training images of {beads}, 4 crops each); use smaller batch sizes or more images")
     planned = run_beadseg('search', '--dataset', beads, '--out', out, *TINY, '--batch-sizes', '4,8', '--loss-functions', 'dice',
                           '--plan-only')
