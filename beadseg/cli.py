@@ -406,6 +406,7 @@ def predict_command(args):
                   overlap=args.overlap, tta=args.tta, save_prob=args.save_prob, overwrite=args.overwrite,
                   tiles_per_batch=args.tiles_per_batch, progress=not args.no_progress, log=log, **overrides)
     counts, s = run['counts'], run['settings']
+    if run['interrupted']: return 130  # Ctrl-C: predict said what it kept
     print(f"beadseg predict: {len(counts)} images, {int(counts.bead_count.sum())} beads (threshold {s['threshold']}, "
           f"min size {s['min_size']}, shrink {s['shrink']}, tiles of {s['tile_size']}); results in {run['out']}"
           + (f"; {len(run['failures'])} failed" if run['failures'] else ''))

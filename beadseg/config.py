@@ -6,8 +6,8 @@
 __all__ = ['ARCHITECTURES', 'LOSS_NAMES', 'DEPTH', 'integer', 'positive_int', 'non_negative_int', 'seed_int', 'positive_float',
            'open_fraction', 'dropout_rate', 'TRUE_WORDS', 'FALSE_WORDS', 'AUTO_ON_OFF', 'PRECISION', 'PRECISIONS',
            'walltime', 'slurm_time', 'SCHEMA', 'KEY_SECTION', 'OPTIONAL', 'TEMPLATES', 'PROJECT_SETTINGS', 'SPACE_KEYS',
-           'DISTRIBUTIONS', 'check_model_args', 'check_loss_name', 'number', 'text', 'boolean', 'one_of', 'list_of',
-           'matching', 'SettingsError', 'find_settings', 'Distribution', 'parse_bounds', 'parse_dimension',
+           'DISTRIBUTIONS', 'MAX_DECADES', 'check_model_args', 'check_loss_name', 'number', 'text', 'boolean', 'one_of',
+           'list_of', 'matching', 'SettingsError', 'find_settings', 'Distribution', 'parse_bounds', 'parse_dimension',
            'parse_value', 'read_settings', 'as_text', 'flag', 'load_settings', 'add_settings_args',
            'settings_from_args', 'format_settings', 'write_settings']
 
@@ -89,14 +89,17 @@ def one_of(names): # The allowed names
     return parse
 
 def list_of(item): # Parser for each comma-separated element
-    "A parser for a non-empty comma-separated list whose elements `item` parses."
+    "A parser for a non-empty comma-separated list whose elements `item` parses; an empty item or a value given twice is refused (it would plan a configuration twice, or hide a typo)."
     def parse(text):
-        elements = [e.strip() for e in text.split(',') if e.strip()]
-        if not elements: raise ValueError('expected a comma-separated list')
+        elements = [e.strip() for e in text.split(',')]
+        if not any(elements): raise ValueError('expected a comma-separated list')
+        if '' in elements: raise ValueError('an empty item in the list (two commas, or one at an end)')
         values = []
         for e in elements:
             try: values.append(item(e))
             except ValueError as err: raise ValueError(f'{e!r}: {err}') from None
+        if twice := next((e for e, v in zip(elements, values) if values.count(v) > 1), None):
+            raise ValueError(f'{twice!r} is listed twice')
         return values
     return parse
 
@@ -155,6 +158,7 @@ SPACE_KEYS = dict(architecture=one_of(ARCHITECTURES), batch_size=positive_int, l
                   **SCHEMA['train'], **{k: SCHEMA['data'][k] for k in ('color', 'shrink', 'augment')},
                   image_size=number(int, 'a positive multiple of 16 (2^depth)', lambda v: v > 0 and v % 16 == 0))
 DISTRIBUTIONS = ('loguniform', 'uniform', 'intuniform')
+MAX_DECADES = 8  # a loguniform wider than this draws values no model trains with (1e-300 to 1e300 was accepted)
 
 @dataclasses.dataclass(frozen=True)  # not a tuple: settings.ini writes it as `kind(low,high)`, not as a list
 class Distribution:
@@ -177,6 +181,8 @@ def parse_bounds(kind:str, # One of `DISTRIBUTIONS`
         raise ValueError(f'{kind} needs a real-valued setting; use intuniform or a comma list')
     if not low < high: raise ValueError(f'expected LOW < HIGH')
     if kind == 'loguniform' and low <= 0: raise ValueError('loguniform needs LOW > 0')
+    if kind == 'loguniform' and (decades := math.log10(high) - math.log10(low)) > MAX_DECADES:
+        raise ValueError(f'loguniform spans {decades:.0f} decades; at most {MAX_DECADES} (a learning rate search spans 2 to 4)')
     return Distribution(kind, low, high)
 
 def parse_dimension(key:str, # A training configuration key, e.g. 'learning_rate'
@@ -203,7 +209,7 @@ def read_settings(path, # The settings file
                  ) -> dict:
     "The validated settings in `path`, as {section: {key: value}}."
     ini = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=('#', ';'))
-    try: ini.read_string(Path(path).read_text(), source=str(path))
+    try: ini.read_string(Path(path).read_text(encoding='utf-8-sig'), source=str(path))  # -sig: a byte-order mark (Windows editors) is not text
     except OSError as err: raise SettingsError(f'{path}: cannot read: {err.strerror}') from None
     except (configparser.Error, UnicodeDecodeError) as err:
         raise SettingsError(f'{path}: not a valid INI file: {str(err).splitlines()[0]}') from None
@@ -254,9 +260,12 @@ def add_settings_args(parser:argparse.ArgumentParser):
 def settings_from_args(args:argparse.Namespace) -> dict:
     "The settings for parsed `args`: the file named by --settings (or found), with the flags that were given."
     settings = load_settings(args.settings, {k: getattr(args, k, None) for k in KEY_SECTION})
+    given = {}  # --space keys seen so far
     for item in getattr(args, 'space', None) or []:  # `search --space KEY=VALUES`, repeatable, over settings.ini's [space]
         key, sep, values = (s.strip() for s in item.partition('='))
         if not sep: raise SettingsError(f'--space {item!r}: expected KEY=VALUES, e.g. image_size=256,512')
+        if key in given: raise SettingsError(f'--space {key}: given twice ({given[key]!r} and {values!r}); give each dimension once')
+        given[key] = values
         settings['space'][key] = parse_dimension(key, values, f'--space {key}')
     return settings
 

@@ -265,6 +265,8 @@ def validate_dataset(folder, # Dataset folder with images/ and masks/
     stats = {s.stem: check_sample(s, image_size, color, report.errors, report.warnings) for s in report.samples}
     stats = {stem: st for stem, st in stats.items() if st is not None}
     if len(stats) == 1: report.errors.append(f"{folder}: only 1 usable image; training needs at least 2 (one to train on, one to validate)")
+    if len(stats) > 1 and not any(st['beads'] for st in stats.values()):  # nothing to learn: it would 'complete' with Jaccard 0
+        report.errors.append(f"{folder/'masks'}: every mask is empty (no beads in any of {len(stats)} images); check --mask-suffix and the masks")
     report.bead_counts = {stem: st['beads'] for stem, st in stats.items()}
     report.summary = summarise(list(stats.values()), n_images)
     return report

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['DEFAULTS', 'BEAD_COLUMNS', 'COUNT_COLUMNS', 'find_model', 'prediction_settings', 'load_model', 'expand_inputs',
            'measure', 'summarise_beads', 'overlay', 'write_outputs', 'read_for_model', 'check_settings',
-           'model_and_record', 'predict_image', 'predict', 'evaluate_model']
+           'model_and_record', 'made_by', 'predict_image', 'output_folder', 'predict', 'evaluate_model']
 
 # %% ../nbs/13_predict.ipynb #p001f4ef
 import glob, json, sys
@@ -61,7 +61,7 @@ def load_model(path, # A .keras file saved by training
 # %% ../nbs/13_predict.ipynb #p0345fd2
 def expand_inputs(inputs:list, # Files, folders or glob patterns
                  ) -> tuple:
-    "(image paths in order, without repeats; problems, one line each)."
+    "(image paths in order, without repeats or a second input of the same name; problems, one line each)."
     paths, problems = [], []
     for item in map(str, inputs):
         p = Path(item)
@@ -70,7 +70,9 @@ def expand_inputs(inputs:list, # Files, folders or glob patterns
         else: found = [Path(f) for f in sorted(glob.glob(item))]
         if not found: problems.append(f'{item}: no such file' if not glob.has_magic(item) else f'{item}: matches no image')
         paths += [f for f in found if f not in paths]
-    return paths, problems
+    stems = [p.stem for p in paths]  # outputs are named after the stem: a second input of the same name would overwrite
+    problems += [f'{p}: another input has the same name {p.stem!r}; its outputs would overwrite' for i, p in enumerate(paths) if p.stem in stems[:i]]
+    return [p for i, p in enumerate(paths) if p.stem not in stems[:i]], problems
 
 # %% ../nbs/13_predict.ipynb #p03701e8
 BEAD_COLUMNS = ['image', 'label', 'centroid_y', 'centroid_x', 'area_px', 'equivalent_diameter_px', 'eccentricity', 'mean_intensity']
@@ -107,13 +109,16 @@ def overlay(image:np.ndarray, # float32 (H, W, C) in [0, 1]
     rgb[find_boundaries(labels, mode='inner')] = (255, 0, 255)
     return rgb
 
-def write_outputs(out:Path, name:str, image:np.ndarray, prob:np.ndarray, labels:np.ndarray, save_prob=False):
-    "Write the files of one image to `out` (labels last)."
+def write_outputs(out:Path, name:str, image:np.ndarray, prob:np.ndarray, labels:np.ndarray, save_prob=False,
+                  provenance:dict=None, # The model and settings that made them, kept in the labels file
+                 ):
+    "Write the files of one image to `out` (labels last, recording what made them)."
     if save_prob: atomic_write(out/f'{name}_prob.tif', lambda t: tifffile.imwrite(t, prob.astype(np.float32)))
     atomic_write(out/f'{name}_mask.tif', lambda t: tifffile.imwrite(t, (labels > 0).astype(np.uint8)))
     atomic_write(out/f'{name}_overlay.png', lambda t: iio.imwrite(t, overlay(image, labels), extension='.png'))
     dtype = np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32
-    atomic_write(out/f'{name}_labels.tif', lambda t: tifffile.imwrite(t, labels.astype(dtype)))
+    atomic_write(out/f'{name}_labels.tif', lambda t: tifffile.imwrite(t, labels.astype(dtype),
+                                                                       description=json.dumps(dict(made_by=provenance))))
 
 # %% ../nbs/13_predict.ipynb #p04207f6
 def read_for_model(path, # Image file
@@ -129,6 +134,8 @@ def check_settings(s:dict, # `prediction_settings`
                    overlap:int=None, # Pixels tiles share (None: a quarter tile)
                   ):
     "A one-line `ValueError` when the settings cannot work with this model, before any image is read."
+    if not 0 < s['threshold'] < 1: raise ValueError(f"threshold {s['threshold']}: must be a probability strictly between 0 and 1")
+    if not (isinstance(s['min_size'], int) and s['min_size'] >= 0): raise ValueError(f"min size {s['min_size']}: must be 0 or more pixels")
     if s['tile_size'] < 16 or s['tile_size'] % 16: raise ValueError(f"tile size {s['tile_size']}: must be a positive multiple of 16")
     if overlap is not None and not 0 <= overlap <= s['tile_size'] // 2:
         raise ValueError(f"overlap {overlap}: must be between 0 and half the tile size ({s['tile_size'] // 2})")
@@ -139,33 +146,49 @@ def check_settings(s:dict, # `prediction_settings`
 def model_and_record(model, # A .keras file, configuration folder or search run folder, or a loaded Keras model
                      log=print, # Where one-line messages go
                     ) -> tuple:
-    "(loaded model, its result.json or {}), saying in one line when a model file has no record beside it."
-    if not isinstance(model, (str, Path)): return model, {}
+    "(loaded model, its result.json or {}, what identifies it), saying in one line when a model file has no record beside it."
+    if not isinstance(model, (str, Path)): return model, {}, f'{model.name} ({model.count_params()} parameters, in memory)'
     path, result = find_model(model)
     loaded = load_model(path)  # a file that is no model: one line about that, not about its record
     if not result: log(f'{path}: no result.json beside it: reading as {DEFAULTS["color"]}, shrink {DEFAULTS["shrink"]}, '
                        f'tiles of {DEFAULTS["tile_size"]} unless given')
-    return loaded, result
+    stat = path.stat()
+    return loaded, result, f'{path.resolve()} ({stat.st_size} bytes, modified {stat.st_mtime_ns})'
+
+def made_by(labels_file:Path) -> dict|None:
+    "What made an existing labels file (its model and settings, as `write_outputs` records them), or None."
+    try:
+        with tifffile.TiffFile(labels_file) as tif: return json.loads(tif.pages[0].description).get('made_by')
+    except (OSError, ValueError, TypeError, AttributeError, IndexError): return None
 
 def predict_image(model, # A loaded Keras model
                   path:Path, # The image
                   out:Path, # Output folder
                   s:dict, # `prediction_settings`
+                  provenance:dict, # The model and every setting that shapes the labels
                   overwrite=False, # Predict it again even if its labels are there
                   save_prob=False, # Also write <name>_prob.tif
                   **tiling, # `predict_tiled`'s overlap, tta and tiles_per_batch
                  ) -> tuple:
-    "(its `counts.csv` row, its `beads.csv` rows): one image predicted, written and measured (its labels reused unless `overwrite`)."
+    "(its `counts.csv` row, its `beads.csv` rows): labels that the same model and settings made are reused unless `overwrite`."
     name = path.stem
     image, intensity = read_for_model(path, s['color'])
-    if (out/f'{name}_labels.tif').is_file() and not overwrite:
+    if not overwrite and made_by(out/f'{name}_labels.tif') == provenance:
         labels = tifffile.imread(out/f'{name}_labels.tif').astype(np.int32)
     else:
         prob = predict_tiled(model, image, s['tile_size'], **tiling)
         labels = segment(prob, s['threshold'], s['shrink'], s['min_size'])
-        write_outputs(out, name, image, prob, labels, save_prob)
+        write_outputs(out, name, image, prob, labels, save_prob, provenance)
     table = measure(labels, intensity, name)
     return summarise_beads(table, labels, name), table
+
+def output_folder(out) -> Path:
+    "`out`, made if needed; a one-line `ValueError` when it is a file or cannot be made."
+    out = Path(out)
+    if out.exists() and not out.is_dir(): raise ValueError(f'{out}: exists and is not a folder; give --out a folder')
+    try: out.mkdir(parents=True, exist_ok=True)
+    except OSError as err: raise ValueError(f'{out}: cannot make the output folder: {err.strerror}') from None
+    return out
 
 def predict(model, # A .keras file, configuration folder or search run folder (or a loaded Keras model)
             inputs:list, # Image files, folders or glob patterns
@@ -175,35 +198,38 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
             overlap:int=None, # Pixels tiles share; default tile_size // 4
             tta:bool=False, # Average the 8 flips and rotations
             save_prob:bool=False, # Also write <name>_prob.tif
-            overwrite:bool=False, # Predict inputs whose outputs exist again
+            overwrite:bool=False, # Predict again inputs whose outputs this model and these settings made
             tiles_per_batch:int=None, # Tiles per model call; default as many as hold 2^20 pixels
             progress:bool=True, # A tqdm bar over the images
             log=print, # Where one-line messages go
            ) -> dict:
-    "Segment and count the beads of `inputs` into `out`; returns the counts table, the failures and the settings used."
+    "Segment and count the beads of `inputs` into `out`; returns the counts table, the failures, the settings used and whether Ctrl-C stopped it."
     from tqdm import tqdm  # text: it works in a terminal, a notebook and papermill alike
-    model, result = model_and_record(model, log)
+    model, result, identity = model_and_record(model, log)
     s = prediction_settings(result, threshold=threshold, min_size=min_size, color=color, shrink=shrink, tile_size=tile_size)
     check_settings(s, model.input_shape[-1], overlap)
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
+    out, provenance = output_folder(out), dict(model=identity, **s, overlap=overlap, tta=tta)
     paths, failures = expand_inputs(inputs)
     for problem in failures: log(problem)
-    counts, beads, seen = [], [], set()
-    for path in tqdm(paths, desc='images', unit='image', disable=not progress, file=sys.stderr):
-        try:
-            if path.stem in seen: raise ValueError(f'another input has the same name {path.stem!r}; its outputs would overwrite')
-            seen.add(path.stem)
-            row, table = predict_image(model, path, out, s, overwrite, save_prob, overlap=overlap, tta=tta,
-                                       tiles_per_batch=tiles_per_batch)
-            counts.append(row); beads.append(table)
-        except Exception as err:
-            message = str(err) if isinstance(err, ValueError) else f'{path}: {type(err).__name__}: {err}'
-            failures.append(message)
-            with tqdm.external_write_mode(file=sys.stderr): log(message)  # the bar steps aside for the line
+    if stale := [p for p in paths if (out/f'{p.stem}_labels.tif').is_file() and made_by(out/f'{p.stem}_labels.tif') != provenance]:
+        log(f'{out}: {len(stale)} earlier outputs were made by another model or other settings; predicting them again')
+    counts, beads, interrupted = [], [], False
+    try:
+        for path in tqdm(paths, desc='images', unit='image', disable=not progress, file=sys.stderr):
+            try:
+                row, table = predict_image(model, path, out, s, provenance, overwrite, save_prob, overlap=overlap, tta=tta,
+                                           tiles_per_batch=tiles_per_batch)
+                counts.append(row); beads.append(table)
+            except Exception as err:
+                failures.append(message := str(err) if isinstance(err, ValueError) else f'{path}: {type(err).__name__}: {err}')
+                with tqdm.external_write_mode(file=sys.stderr): log(message)  # the bar steps aside for the line
+    except KeyboardInterrupt:
+        interrupted = True
+        log(f'interrupted after {len(counts)} of {len(paths)} images: counts.csv and beads.csv hold those; a rerun goes on with the rest')
     counts = pd.DataFrame(counts, columns=COUNT_COLUMNS)
     write_csv(out/'counts.csv', counts)
     write_csv(out/'beads.csv', pd.concat(beads) if beads else pd.DataFrame(columns=BEAD_COLUMNS))
-    return dict(counts=counts, failures=failures, settings=s, out=out)
+    return dict(counts=counts, failures=failures, settings=s, out=out, interrupted=interrupted)
 
 # %% ../nbs/13_predict.ipynb #p0514d82
 def evaluate_model(model, # A .keras file, configuration folder or search run folder

@@ -286,3 +286,34 @@ def test_evaluate_top_configurations_of_a_run(trained, tmp_path):
     status, lines = in_process('evaluate', tmp_path/'run', test, '--top', '2')
     assert status == 2 and lines == [f"beadseg evaluate: error: {tmp_path/'run'/'search_results_final.csv'}: not there; "
                                      f"run `beadseg collect {tmp_path/'run'}` first"]
+
+
+def test_outputs_record_what_made_them_and_ctrl_c_keeps_the_tables_of_the_images_done(trained, tmp_path):
+    "A rerun with another threshold predicts again (one line); Ctrl-C mid-run is one line, exit 130, and the tables cover the images done."
+    import signal, subprocess, sys, time
+    from pathlib import Path
+    from beadseg.predict import made_by
+    run, beads, _ = trained
+    (tmp_path/'in').mkdir()
+    for k in range(12): shutil.copy(beads/'images'/'bead_000.tif', tmp_path/'in'/f'copy_{k:02d}.tif')
+    out = tmp_path/'out'
+    driver = subprocess.Popen([str(Path(sys.executable).parent/'beadseg'), 'predict', str(run), str(tmp_path/'in'), '--out', str(out),
+                               '--tta', '--no-progress'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while driver.poll() is None and len(list(out.glob('*_labels.tif'))) < 2 and time.time() < deadline: time.sleep(0.05)
+    driver.send_signal(signal.SIGINT)  # during the second image or the third: the first is counted
+    _, stderr = driver.communicate(timeout=120)
+    done = sorted(pd.read_csv(out/'counts.csv').image)
+    assert driver.returncode == 130 and 'Traceback' not in stderr and 0 < len(done) < 12, stderr
+    assert [l for l in stderr.splitlines() if 'interrupted' in l] == [
+        f'interrupted after {len(done)} of 12 images: counts.csv and beads.csv hold those; a rerun goes on with the rest']
+    assert set(done) <= {p.name.removesuffix('_labels.tif') for p in out.glob('*_labels.tif')}
+    assert len(pd.read_csv(out/'beads.csv')) == pd.read_csv(out/'counts.csv').bead_count.sum()
+    first = made_by(out/f'{done[0]}_labels.tif')
+    assert first['tta'] is True and first['model'].startswith(str(Path(run).resolve()/'model.keras'))
+    again = run_beadseg('predict', run, tmp_path/'in'/f'{done[0]}.tif', '--out', out, '--threshold', '0.9', '--no-progress')
+    assert again.returncode == 0 and f'{out}: 1 earlier outputs were made by another model or other settings' in again.stderr
+    assert made_by(out/f'{done[0]}_labels.tif') == {**first, 'threshold': 0.9, 'tta': False}
+    refused = run_beadseg('predict', run, tmp_path/'in'/'copy_00.tif', '--out', out, '--threshold', '1.5')  # 13_predict: the others
+    assert refused.returncode == 2 and refused.stderr.strip() == ('beadseg predict: error: threshold 1.5: must be a probability '
+                                                                 'strictly between 0 and 1'), refused.stderr
