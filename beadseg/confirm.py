@@ -7,7 +7,7 @@ __all__ = ['finalists', 'confirmation_plan', 'create_confirmation', 't_interval'
            'confirmation_table', 'confirmation_summary', 'confirmation_statement', 'write_confirmation']
 
 # %% ../nbs/21_confirm.ipynb #3ad9cc7b
-import json, math, statistics
+import json, math, shlex, statistics
 from pathlib import Path
 import pandas as pd
 from .data import fold_dataset, save_split
@@ -26,7 +26,7 @@ def finalists(parent, # A search run folder
     best = winning_rows(table).config_id.head(top).tolist()
     if len(best) < top:
         raise ValueError(f'{parent}: {len(best)} scored configuration{"s" * (len(best) != 1)}, fewer than --top {top}; '
-                         f'finish the search first (`beadseg search --resume {parent}`) or confirm fewer')
+                         f'finish the search first (`beadseg search --resume {shlex.quote(str(parent))}`) or confirm fewer')
     return read_plan(parent).set_index('config_id').loc[best].reset_index()
 
 # %% ../nbs/21_confirm.ipynb #0a7b7f9a

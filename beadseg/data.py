@@ -11,7 +11,7 @@ __all__ = ['IMAGE_EXTENSIONS', 'CHANNELS', 'DIHEDRAL', 'read_pixels', 'named', '
            'load_split', 'read_labels', 'load_arrays']
 
 # %% ../nbs/02_data.ipynb #09ca9efd
-import json, logging
+import json, logging, shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
@@ -277,7 +277,7 @@ def check_dataset(folder, image_size:int, mask_suffix:str='', color:str='gray') 
     report = validate_dataset(folder, image_size, mask_suffix, color)
     if not report.ok:
         n = len(report.errors)
-        raise ValueError(f"{folder}: {n} problem{'s' if n > 1 else ''}: {report.errors[0]} (run `beadseg validate {folder}`)")
+        raise ValueError(f"{folder}: {n} problem{'s' if n > 1 else ''}: {report.errors[0]} (run `beadseg validate {shlex.quote(str(folder))}`)")
     return report
 
 # %% ../nbs/02_data.ipynb #7b96887a
@@ -410,8 +410,12 @@ def read_labels(sample:Sample, # A pair from `find_pairs`
 
 def load_arrays(samples:list, shrink:int=0, color:str='gray') -> tuple:
     "(images float32 (H, W, C), masks uint8 (H, W), labels int32 (H, W)): lists over `samples`, for evaluation."
-    return ([read_image(s.image, color) for s in samples], [read_mask(s.mask, shrink) for s in samples],
-            [read_labels(s, shrink) for s in samples])
+    arrays = [(read_image(s.image, color), read_mask(s.mask, shrink), read_labels(s, shrink)) for s in samples]
+    for s, (image, mask, ids) in zip(samples, arrays):
+        for path, other in ((s.mask, mask), (s.labels or s.mask, ids)):
+            if other.shape != image.shape[:2]:
+                raise ValueError(f'{path}: {other.shape[0]}x{other.shape[1]}, but its image {s.image.name} is {image.shape[0]}x{image.shape[1]}')
+    return tuple(list(a) for a in zip(*arrays)) if arrays else ([], [], [])
 
 # %% ../nbs/02_data.ipynb #b3df5161
 _R90, _FLIP = np.float32([[0, -1], [1, 0]]), np.float32([[-1, 0], [0, 1]])

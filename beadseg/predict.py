@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['DEFAULTS', 'BEAD_COLUMNS', 'COUNT_COLUMNS', 'find_model', 'prediction_settings', 'load_model', 'expand_inputs',
            'measure', 'summarise_beads', 'overlay', 'write_outputs', 'read_for_model', 'check_settings',
-           'model_and_record', 'made_by', 'predict_image', 'output_folder', 'predict', 'evaluate_model']
+           'model_and_record', 'made_by', 'predict_image', 'output_folder', 'predict', 'seen_in_training',
+           'evaluate_model']
 
 # %% ../nbs/13_predict.ipynb #p001f4ef
 import glob, json, sys
@@ -28,7 +29,8 @@ def find_model(source, # A .keras file, a configuration folder or a search run f
         best = read_json(p/'best_hyperparameters.json')
         p = p/'configs'/best.get('model_config_id', best['config_id'])  # a confirmation's winner: its best fold's model
     elif p.is_dir() and not (p/'model.keras').is_file():
-        hint = '; run `beadseg collect` on it first' if (p/'configs').is_dir() else ''
+        hint = ('; no configuration of it finished with a score (see its search_results_final.csv)' if (p/'search_results_final.csv').is_file()
+                else '; run `beadseg collect` on it first' if (p/'configs').is_dir() else '')
         raise ValueError(f'{p}: no model.keras and no best_hyperparameters.json: not a configuration or search run folder{hint}')
     if p.is_dir(): model, folder = p/'model.keras', p
     elif p.suffix == '.keras' and p.is_file():
@@ -232,19 +234,33 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
     return dict(counts=counts, failures=failures, settings=s, out=out, interrupted=interrupted)
 
 # %% ../nbs/13_predict.ipynb #p0514d82
+def seen_in_training(result:dict, # The model's result.json
+                     dataset, # The folder being evaluated
+                     samples:list, # Its pairs
+                    ) -> int:
+    "How many of `samples` are among the images the model trained on (its dataset folder and its split.json's training side)."
+    config = result.get('config') or {}
+    if not config.get('dataset') or Path(config['dataset']).resolve() != Path(dataset).resolve(): return 0
+    split = read_json(Path(config.get('out_dir') or '.')/'split.json') or {}
+    return len({s.stem for s in samples} & set(split.get('train') or []))
+
 def evaluate_model(model, # A .keras file, configuration folder or search run folder
                    dataset, # A labelled folder: images/, masks/ (and optionally labels/)
                    out=None, # Folder for evaluation.json; default the model's configuration folder
                    color:str=None, shrink:int=None, mask_suffix:str=None, # Default: as trained (result.json)
+                   log=print, # Where a warning goes
                   ) -> dict:
     "Score `model` on `dataset` with the training-time evaluation; writes evaluation.json and a per-image CSV."
     path, result = find_model(model)
-    s = prediction_settings(result, color=color, shrink=shrink)
+    s, loaded = prediction_settings(result, color=color, shrink=shrink), load_model(path)
+    check_settings(s, loaded.input_shape[-1])
     suffix = mask_suffix if mask_suffix is not None else (result.get('config') or {}).get('mask_suffix', '')
     samples, problems = data.match_files(dataset, suffix)
     if problems or not samples:
         raise ValueError(problems[0] if problems else f"{Path(dataset)/'images'}: no images ({', '.join(data.IMAGE_EXTENSIONS)})")
-    evaluation, _ = evaluate(load_model(path), samples, s['shrink'], s['color'], s['tile_size'])  # the function that ends training
+    if trained_on := seen_in_training(result, dataset, samples):
+        log(f'warning: {trained_on} of these {len(samples)} images trained this model; its scores on them are optimistic')
+    evaluation, _ = evaluate(loaded, samples, s['shrink'], s['color'], s['tile_size'])  # the function that ends training
     evaluation = dict(evaluation, model=str(path), dataset=str(dataset), color=s['color'], shrink=s['shrink'])
     out = Path(out) if out else path.parent
     out.mkdir(parents=True, exist_ok=True)

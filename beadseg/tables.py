@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SCORE', 'COLUMNS', 'result_row', 'table_columns', 'ranked_rows', 'winning_rows', 'rank_results', 'best_so_far',
-           'results_table']
+           'unreadable', 'results_table']
 
 # %% ../nbs/20_tables.ipynb #24d5a335
 from pathlib import Path
@@ -53,12 +53,18 @@ def best_so_far(table:pd.DataFrame) -> str:
     ranked = ranked_rows(table)
     return f"{ranked[SCORE].iloc[0]:.3f} ({ranked.config_id.iloc[0]})" if len(ranked) else '-'
 
+def unreadable(folder:Path) -> str|None:
+    "Why the configuration in `folder` counts as pending although it has a result.json (cut short by a full disk or a copy), else None."
+    return (f"{folder/'result.json'}: unreadable (cut short?); it counts as pending and a resumed search runs it again"
+            if (folder/'result.json').is_file() else None)
+
 def results_table(run_dir) -> pd.DataFrame:
     "Every planned configuration with its result (status `pending`, `running` or `interrupted` until it finishes), ranked."
     rows, plan = [], read_plan(run_dir)
     factors = plan_factors(plan)
     for step in plan.to_dict('records'):
-        result = read_result(Path(run_dir)/'configs'/step['config_id'])
-        row = result_row(result) if result else {'status': Status.PENDING}
+        folder = Path(run_dir)/'configs'/step['config_id']
+        result = read_result(folder)
+        row = result_row(result) if result else {'status': Status.PENDING, 'error': unreadable(folder)}
         rows.append({**row, **{k: step[k] for k in factors}, 'config_id': step['config_id']})
     return rank_results(pd.DataFrame(rows, columns=table_columns(factors)))

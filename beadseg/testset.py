@@ -6,6 +6,7 @@
 __all__ = ['earlier_evaluation', 'score_top', 'score_test_set']
 
 # %% ../nbs/22_testset.ipynb #f8d880a9
+import shlex
 from pathlib import Path
 import pandas as pd
 from . import data
@@ -34,7 +35,7 @@ def score_top(run_dir, # A search run folder, collected
     "Test-set scores of the `top` configurations of a search run, also written to RUN_DIR/test_results.csv."
     run_dir = Path(run_dir)
     ranked = run_dir/'search_results_final.csv'
-    if not ranked.is_file(): raise ValueError(f'{ranked}: not there; run `beadseg collect {run_dir}` first')
+    if not ranked.is_file(): raise ValueError(f'{ranked}: not there; run `beadseg collect {shlex.quote(str(run_dir))}` first')
     table = pd.read_csv(ranked, keep_default_na=False)
     table = table[may_win(table.status) & (pd.to_numeric(table[SCORE], errors='coerce') >= 0)].head(top)  # status `nan` kept as text
     rows = []

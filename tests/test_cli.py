@@ -62,3 +62,28 @@ def test_missing_tensorflow_is_one_line(tmp_path):
     assert out.returncode == 2 and 'Traceback' not in out.stderr
     assert out.stderr.strip().splitlines() == [
         "beadseg models: error: TensorFlow is not installed: pip install -e '.[cpu]' (or '.[gpu]' on a GPU machine)"]
+
+
+def test_odd_requests_are_one_line_each(tmp_path):
+    "Found by a hostile check: each was a traceback, a silent surprise or an unclear line."
+    from pathlib import Path
+    from beadseg.config import PROJECT_SETTINGS, load_settings
+    from beadseg.plan import create_run
+    from beadseg.runs import config_for
+    run = create_run(load_settings(PROJECT_SETTINGS, dict(search_type='grid', architectures='unet', batch_sizes='8',
+                                                          loss_functions='dice,focal')), tmp_path/'runs')
+    cases = [(('synth', tmp_path/'huge', '--size', '100000'), "beadseg synth: error: --size 100000: give a side from 16 to 8192 pixels"),
+             (('run-rung', run, '--rung', '0', '--slot', '0'),
+              f"beadseg run-rung: error: {run}: not a halving search; its configurations run with `beadseg run-one RUN_DIR --index K`"),
+             (('search', '--plan-only', '--batch-sizes', '8,8'), "beadseg search: error: --batch-sizes = '8,8': '8' is listed twice"),
+             (('search', '--plan-only', '--batch-sizes', '8,,16'), "beadseg search: error: --batch-sizes = '8,,16': an empty item"),
+             (('search', '--plan-only', '--space', 'dropout=0.1', '--space', 'dropout=0.2'), "--space dropout: given twice")]
+    for args, says in cases:
+        done = run_beadseg(*args, cwd=tmp_path)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and says in done.stderr, (args, done.stderr)
+    assert not (tmp_path/'huge').exists() and [p.name for p in (tmp_path/'runs').iterdir()] == [run.name]  # nothing planned
+    cut = Path(config_for(run, 1)['out_dir'])
+    cut.mkdir(parents=True); (cut/'result.json').write_text('{"status": "compl')  # a disk that filled up mid-write
+    done = run_beadseg('collect', run)
+    assert done.returncode == 0 and done.stderr.strip() == (f"warning: {cut/'result.json'}: unreadable (cut short?); it counts as "
+                                                            f"pending and a resumed search runs it again"), done.stderr

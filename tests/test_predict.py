@@ -240,6 +240,11 @@ def test_evaluate_reproduces_the_training_evaluation(trained, tmp_path):
     assert list(per_image.image) == [p.stem for p in val_images(trained)]
     assert in_process('evaluate', run, tmp_path/'nothing') == (2, [
         f"beadseg evaluate: error: {tmp_path/'nothing'/'images'}: no images (.tif, .tiff, .png, .jpg, .jpeg)"])
+    assert in_process('evaluate', run, tmp_path/'test', '--color', 'rgb') == (2, [  # before any image is read
+        "beadseg evaluate: error: the model takes 1 channel(s) but color 'rgb' gives 3; use color gray"])
+    n_train = len(list((beads/'images').iterdir())) - len(val_images(trained))
+    assert in_process('evaluate', run, beads, '--out', tmp_path/'on_training') == (0, [  # its own training set
+        f'warning: {n_train} of these {n_train + len(val_images(trained))} images trained this model; its scores on them are optimistic'])
 
 
 def test_the_notebook_shows_counts_and_overlays(trained, tmp_path):
