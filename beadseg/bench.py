@@ -17,7 +17,7 @@ from . import data, pipeline
 from .config import PRECISIONS
 from .losses import LOSSES
 from .models import build_model
-from .runs import check_config, config_from_settings, stderr_to, write_csv
+from .runs import check_config, config_from_settings, run_notebook, stderr_to, write_csv
 from .train import build_or_resume, device_name, dtype_policy, peak_memory_mb, xla_on
 
 # %% ../nbs/08_bench.ipynb #a5a8a38f
@@ -109,14 +109,13 @@ def bench_config(config:dict, # A training configuration (`config_from_settings`
 def kernel_start_seconds(imports:str='from beadseg.train import PARAMETERS, train, plot_history, metrics_table',
                         ) -> float:
     "Seconds papermill takes to start a Python kernel and run `imports` in it, as each configuration of a search does."
-    import nbformat, papermill
+    import nbformat
     with tempfile.TemporaryDirectory() as tmp:
         notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(imports)])
-        notebook.metadata['kernelspec'] = dict(name='python3', display_name='Python 3', language='python')
         nbformat.write(notebook, f'{tmp}/imports.ipynb')
         started = time.perf_counter()
         with stderr_to(f'{tmp}/kernel.log'):  # the kernel's own warnings
-            papermill.execute_notebook(f'{tmp}/imports.ipynb', f'{tmp}/run.ipynb', kernel_name='python3', progress_bar=False, cwd=tmp)
+            run_notebook(f'{tmp}/imports.ipynb', f'{tmp}/run.ipynb', progress_bar=False, cwd=tmp)
         return time.perf_counter() - started
 
 # %% ../nbs/08_bench.ipynb #b5dd7b2e

@@ -11,7 +11,7 @@ import contextlib, json, logging, os, signal, sys
 from pathlib import Path
 from .config import TEMPLATES
 from .runs import (Status, STOP_FILE, config_lock, is_final, is_finished, link_or_copy, our_kernel, read_result, request_stop,
-                          run_config_id, run_of, signals_to, stderr_to, write_result)
+                          run_config_id, run_notebook, run_of, signals_to, stderr_to, write_result)
 
 # %% ../nbs/19_execute.ipynb #b195fa80
 TEMPLATE = TEMPLATES/'train.ipynb'  # nbs/train.ipynb, shipped in the package
@@ -87,15 +87,14 @@ def execute_notebook(parameters:dict, # The training template's parameters; `out
                      stopped:list, # Signals received so far (`stops_forwarded`)
                     ) -> tuple[Exception, str]|None:
     "Run the training template through papermill, starting its kernel again (up to `KERNEL_STARTS` times) if it dies before running a cell; the last error and its reason in one line, or None."
-    import papermill
     out_dir = Path(parameters['out_dir'])
     for attempt in range(1, KERNEL_STARTS + 1):
         try:
             print('beadseg phase: starting kernel', flush=True)
             with stderr_to(out_dir/'kernel.log'):
-                papermill.execute_notebook(str(TEMPLATE), str(out_dir/'train.ipynb'), parameters=parameters, kernel_name='python3',
-                                           execution_timeout=timeout or None, progress_bar=False, log_output=log is not None,
-                                           cwd=str(out_dir), shutdown_kernel='immediate')  # all written by the last cell: no 1 s wait for TensorFlow's teardown
+                run_notebook(TEMPLATE, out_dir/'train.ipynb', parameters=parameters, execution_timeout=timeout or None,
+                             progress_bar=False, log_output=log is not None,
+                             cwd=str(out_dir), shutdown_kernel='immediate')  # all written by the last cell: no 1 s wait for TensorFlow's teardown
             return None
         except Exception as err:
             reason, started = failure_reason(err, timeout), kernel_ran(out_dir/'train.ipynb')

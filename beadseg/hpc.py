@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['SCHEDULERS', 'SUMMARY_TIME', 'NAMES', 'COMMON', 'TASKS', 'WHERE', 'TASK_ID', 'ARRAY_ID', 'DEPEND', 'index_ranges',
-           'array_spec', 'job_time', 'seconds', 'pbs_directives', 'sbatch_quote', 'slurm_directives', 'directives',
-           'which_lines', 'environment_lines', 'check_one_line', 'job_script', 'write_jobs', 'submit_commands',
-           'command_line', 'job_id', 'submit']
+           'array_spec', 'job_time', 'seconds', 'pbs_directives', 'pbs_quote', 'sbatch_quote', 'slurm_directives',
+           'directives', 'which_lines', 'environment_lines', 'check_one_line', 'job_script', 'write_jobs',
+           'submit_commands', 'command_line', 'job_id', 'submit']
 
 # %% ../nbs/05_hpc.ipynb #76bbcedd
 import re, shlex, shutil, subprocess, sys
@@ -65,12 +65,21 @@ def pbs_directives(job:str, settings:dict, array:str='', torque:bool=False) -> l
     ncpus, ngpus = (1, 0) if light else (p['ncpus'], p['ngpus'])
     if torque: resources = [f'nodes=1:ppn={ncpus}' + (f':gpus={ngpus}' if ngpus else '')] + ([] if light else [f'mem={p["mem"]}'])
     else: resources = [f'select=1:ncpus={ncpus}' + (f':ngpus={ngpus}' if ngpus else '') + ('' if light else f':mem={p["mem"]}')]
-    options = [f'-N {NAMES[job]}', '-S /bin/bash', *[f'-l {r}' for r in resources],
-               f'-l walltime={job_time("torque" if torque else "pbs", job, settings)}', '-j oe']
-    if p['queue']: options.append(f'-q {p["queue"]}')
-    if c['account']: options.append(f'-A {c["account"]}')
-    if array: options.append(f'{"-t" if torque else "-J"} {array}')
-    return [f'#PBS {o}' for o in options]
+    options = [('-N', NAMES[job]), ('-S', '/bin/bash'), *[('-l', r) for r in resources],
+               ('-l', f'walltime={job_time("torque" if torque else "pbs", job, settings)}'), ('-j', 'oe')]
+    if p['queue']: options.append(('-q', p['queue']))
+    if c['account']: options.append(('-A', c['account']))
+    if array: options.append(('-t' if torque else '-J', array))
+    return [f'#PBS {flag} {pbs_quote(value, f"#PBS {flag}")}' for flag, value in options]
+
+def pbs_quote(value, # A directive's value
+              what:str='a #PBS value', # It, for the error message
+             ) -> str:
+    "`value` as one argument of a `#PBS` line: qsub splits it at whitespace, unescapes `\\` and joins a line ending in `\\` to the next, except in quotes (which escape nothing)."
+    value = str(value)
+    if not re.search(r'[\s"\'\\#]', value): return value
+    if quote := next((q for q in '"\'' if q not in value), None): return quote + value + quote
+    raise ValueError(f'{what} {value!r} holds both kinds of quote; qsub cannot read it as one value: rename it')
 
 def sbatch_quote(option:str) -> str:
     "`--key=value` as one argument of an `#SBATCH` line: sbatch splits at whitespace and takes `#` as a comment, outside double quotes."
@@ -196,6 +205,7 @@ def environment_lines(cluster:dict) -> list:
         lines.append('set -u')
     if not cluster['container']: return lines + ['beadseg=(beadseg)']
     return lines + [f'image={shlex.quote(cluster["container"])}',
+                    'export PYTHONNOUSERSITE=1  # the container\'s Python ignores ~/.local (the home folder is mounted in it)',
                     'if command -v apptainer >/dev/null 2>&1; then beadseg=(apptainer exec --nv "$image" beadseg)',
                     'else beadseg=(singularity exec --nv "$image" beadseg); fi']
 

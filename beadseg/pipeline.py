@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['rotation_matrix', 'affine_transform', 'warp', 'geometric_augment', 'photometric_augment', 'random_crop', 'tiles',
-           'fits_in_memory', 'make_dataset']
+           'fits_in_memory', 'epoch_draws', 'epoch_numbers', 'make_dataset']
 
 # %% ../nbs/15_pipeline.ipynb #05389092
-import os
+import itertools, os
 import numpy as np
 import tensorflow as tf
 from .data import CHANNELS, DIHEDRAL, read_image, read_mask
@@ -90,6 +90,26 @@ def fits_in_memory(samples:list, color:str='gray', fraction:float=0.25) -> bool:
     except (ValueError, OSError, AttributeError): return True
     return needed < fraction * available
 
+# %% ../nbs/15_pipeline.ipynb #cd5e6e3f
+def epoch_draws(seed:int, # The dataset's seed
+                epoch, # The epoch, 0-based (an int or an int64 scalar tensor)
+                n:int, # Images
+                passes:int=1, # Crops per image: shuffled passes over the images
+               ) -> tuple:
+    "Epoch `epoch`'s image order (`passes` shuffled passes over `n` images) and a stateless seed (2,) per crop, from (`seed`, `epoch`) alone."
+    key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    order_key, crop_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    keys = tf.random.stateless_uniform([passes, n], order_key, minval=None, maxval=None, dtype=tf.int64)
+    return tf.reshape(tf.argsort(keys, axis=-1), [-1]), tf.random.experimental.stateless_split(crop_key, n * passes)
+
+def epoch_numbers(first_epoch:int=0, # The epoch the first pass draws, 0-based
+                  epochs:int|None=None, # Epochs in one pass, one after the other; None: one a pass, each pass the next
+                 ) -> tf.data.Dataset:
+    "The epochs a training dataset draws, from `first_epoch` on: `epochs` of them in one pass, or one per pass over it."
+    if epochs is not None: return tf.data.Dataset.range(first_epoch, first_epoch + epochs)
+    counter = itertools.count(first_epoch)  # read once as each pass starts
+    return tf.data.Dataset.range(1).map(lambda _: tf.reshape(tf.numpy_function(lambda: np.int64(next(counter)), [], tf.int64), []))
+
 # %% ../nbs/15_pipeline.ipynb #a315a0d7
 def make_dataset(samples:list, # Pairs from `find_pairs` (or `DatasetReport.samples`)
                  image_size:int, # Side of the crops (training) or tiles (validation)
@@ -100,29 +120,30 @@ def make_dataset(samples:list, # Pairs from `find_pairs` (or `DatasetReport.samp
                  shrink:int=0, # See `read_mask`
                  color:str='gray', # See `as_channels`
                  cache:bool=True, # Keep decoded images in memory when they fit (see `fits_in_memory`)
-                 crops_per_image:int=1, # Training: random crops of each image per epoch (each pass reshuffled)
-                ):
-    "A `tf.data.Dataset` of batches (image float32 (B, S, S, C) in [0, 1], mask float32 (B, S, S, 1) in {0, 1}); one pass is one epoch."
-    C = CHANNELS[color]
+                 crops_per_image:int=1, # Training: random crops of each image per epoch (shuffled passes over the images)
+                 first_epoch:int=0, # Training: the epoch (0-based) the first pass draws
+                 epochs:int|None=None, # Training: epochs in one pass, one after the other; None: one epoch a pass, each pass the next
+                ) -> tf.data.Dataset:
+    "A `tf.data.Dataset` of batches (image float32 (B, S, S, C) in [0, 1], mask float32 (B, S, S, 1) in {0, 1}): training crops, each epoch drawn from (`seed`, its number) alone, or validation tiles."
+    C, keep, decoded = CHANNELS[color], cache and fits_in_memory(samples, color), {}
     def read(i):
-        s = samples[int(i)]
-        return read_image(s.image, color), read_mask(s.mask, shrink)[..., None].astype(np.float32)
+        if (i := int(i)) in decoded: return decoded[i]
+        pair = read_image(samples[i].image, color), read_mask(samples[i].mask, shrink)[..., None].astype(np.float32)
+        if keep: decoded[i] = pair  # an epoch reads in its own order: a cache by index, not tf.data's in-order one
+        return pair
     def load(i):
         image, mask = tf.numpy_function(read, [i], (tf.float32, tf.float32), stateful=False)
         return tf.ensure_shape(image, [None, None, C]), tf.ensure_shape(mask, [None, None, 1])
-    ds = tf.data.Dataset.range(len(samples)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
-    if cache and fits_in_memory(samples, color): ds = ds.cache()
-    if training:
-        def crop_augment(pair, seed):
-            s = tf.random.experimental.stateless_split(seed, 3)
-            image, mask = random_crop(*pair, image_size, s[0])
-            if augment:
-                image, mask = geometric_augment(image, mask, s[1])
-                image = photometric_augment(image, s[2])
-            return image, mask
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        shuffled = ds.shuffle(len(samples), seed=seed, reshuffle_each_iteration=True).repeat(crops_per_image)
-        ds = tf.data.Dataset.zip(shuffled, seeds)
-        ds = ds.map(crop_augment, num_parallel_calls=tf.data.AUTOTUNE)
-    else: ds = ds.flat_map(lambda image, mask: tiles(image, mask, image_size))
-    return ds.batch(micro_batch).prefetch(tf.data.AUTOTUNE)
+    if not training:
+        ds = tf.data.Dataset.range(len(samples)).map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds.flat_map(lambda image, mask: tiles(image, mask, image_size)).batch(micro_batch).prefetch(tf.data.AUTOTUNE)
+    def crop_augment(i, seed):
+        s = tf.random.experimental.stateless_split(seed, 3)
+        image, mask = random_crop(*load(i), image_size, s[0])
+        if augment:
+            image, mask = geometric_augment(image, mask, s[1])
+            image = photometric_augment(image, s[2])
+        return image, mask
+    epoch = lambda e: (tf.data.Dataset.from_tensor_slices(epoch_draws(seed, e, len(samples), crops_per_image))
+                       .map(crop_augment, num_parallel_calls=tf.data.AUTOTUNE).batch(micro_batch))
+    return epoch_numbers(first_epoch, epochs).flat_map(epoch).prefetch(tf.data.AUTOTUNE)

@@ -4,15 +4,18 @@
 
 # %% auto #0
 __all__ = ['SCORED', 'FINISHED', 'RETRYABLE', 'UNFINISHED', 'WINNERS', 'RANKED', 'PARAMETERS', 'ABBREVIATIONS', 'FACTORS',
-           'CONFIRM_FILE', 'STOP_FILE', 'Status', 'may_rank', 'may_win', 'is_final', 'left_to_run', 'ended_as_planned',
-           'tmp_name', 'atomic_write', 'write_json', 'write_csv', 'read_json', 'read_result', 'is_finished', 'now',
-           'write_result', 'start_result', 'finish_result', 'record_failure', 'config_from_settings', 'short_value',
-           'config_id', 'run_of', 'run_config_id', 'check_config', 'read_plan', 'plan_factors', 'indices_to_run',
-           'config_for', 'choices', 'is_confirmation', 'search_logger', 'stderr_to', 'signals_to', 'config_lock',
-           'request_stop', 'stop_requested', 'process_stat', 'record_kernel', 'our_kernel', 'link_or_copy']
+           'CONFIRM_FILE', 'STOP_FILE', 'LOCK_UNSUPPORTED', 'LOCK_POLL', 'UNWRITTEN_LOCK_S', 'KERNEL_NAME', 'Status',
+           'may_rank', 'may_win', 'is_final', 'left_to_run', 'ended_as_planned', 'tmp_name', 'atomic_write',
+           'write_json', 'write_csv', 'read_json', 'read_result', 'is_finished', 'now', 'write_result', 'start_result',
+           'finish_result', 'record_failure', 'config_from_settings', 'short_value', 'config_id', 'run_of',
+           'run_config_id', 'check_config', 'read_plan', 'plan_factors', 'indices_to_run', 'config_for', 'choices',
+           'is_confirmation', 'search_logger', 'stderr_to', 'signals_to', 'request_stop', 'stop_requested',
+           'process_stat', 'record_kernel', 'our_kernel', 'link_or_copy', 'flock_held', 'lock_owner', 'process_alive',
+           'lock_is_stale', 'try_lock_file', 'take_over', 'file_lock', 'config_lock', 'write_kernelspec',
+           'this_python_kernel', 'run_notebook']
 
 # %% ../nbs/14_runs.ipynb #68ae94b5
-import contextlib, datetime, fcntl, json, logging, os, re, shutil, signal, sys, threading
+import contextlib, datetime, errno, fcntl, json, logging, os, re, shutil, signal, socket, sys, tempfile, threading, time
 from pathlib import Path
 import pandas as pd
 from .config import SPACE_KEYS, check_loss_name, check_model_args, read_settings
@@ -264,18 +267,6 @@ def signals_to(handler):
     finally:
         for s, before in previous.items(): signal.signal(s, before)
 
-@contextlib.contextmanager
-def config_lock(out_dir, # The folder to lock
-                name='.lock', # The lock file in it
-               ):
-    "Hold an exclusive lock on `out_dir` (waiting for another process's run of it to end)."
-    with open(Path(out_dir)/name, 'w') as f:
-        try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f'{out_dir}: waiting for another process to finish with it', flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
 def request_stop(out_dir):
     "Ask the kernel this process started for `out_dir` to stop: a `stop` file naming this process."
     path = Path(out_dir)/STOP_FILE; tmp = tmp_name(path)
@@ -316,3 +307,127 @@ def link_or_copy(source:Path, # An existing file
     except OSError: shutil.copy2(source, tmp)
     os.replace(tmp, target)
 
+
+# %% ../nbs/14_runs.ipynb #dcef95a9
+LOCK_UNSUPPORTED = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOLCK}  # flock: not on this filesystem
+LOCK_POLL = 0.2  # seconds between looks at a lock file that another process holds
+UNWRITTEN_LOCK_S = 60  # a lock file still without its holder's name after this long: it died between creating and writing it
+
+def flock_held(f, # The open lock file
+               out_dir, # The folder it locks, for the waiting message
+              ) -> bool:
+    "Take an exclusive flock on `f`, waiting (with a word) while another process holds it; False where the filesystem has no flock."
+    try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f'{out_dir}: waiting for another process to finish with it', flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError as err:
+        if err.errno in LOCK_UNSUPPORTED: return False
+        raise
+    return True
+
+def lock_owner() -> str:
+    "This process as its lock files name it: host, pid and start time (JSON)."
+    stat = process_stat(os.getpid())
+    return json.dumps(dict(host=socket.gethostname(), pid=os.getpid(), start=stat and stat[1]))
+
+def process_alive(pid:int, # A process of this host
+                  start:str|None, # Its start time, as `process_stat` gives it
+                 ) -> bool:
+    "Whether `pid` runs and is the process that started at `start` (without /proc, as on macOS: whether `pid` runs at all)."
+    if stat := process_stat(pid): return start is None or stat[1] == start
+    if process_stat(os.getpid()): return False  # /proc works, and `pid` is not in it
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: pass  # another user's process
+    return True
+
+def lock_is_stale(text:str, # A lock file's content
+                  age:float, # Its age (s)
+                 ) -> bool:
+    "Whether a lock file holding `text` was left by a process that is gone: one of this host no longer running, or one that never wrote its name."
+    try: owner = json.loads(text); host, pid = owner['host'], int(owner['pid'])
+    except (ValueError, KeyError, TypeError): return age > UNWRITTEN_LOCK_S
+    return host == socket.gethostname() and not process_alive(pid, owner.get('start'))
+
+def try_lock_file(path:Path) -> bool:
+    "Create the lock file `path` holding `lock_owner()`; False if it exists (`O_EXCL`: of two creators one wins, on NFS and Lustre too)."
+    try: fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError: return False
+    with os.fdopen(fd, 'w') as f: f.write(lock_owner())
+    return True
+
+def take_over(path:Path, # A lock file judged stale
+              stale:str, # The content it was judged on
+             ):
+    "Remove the stale lock `path`, renamed aside first so that one taker removes it; a fresher lock renamed aside by mistake is put back."
+    aside = tmp_name(path)
+    try: os.rename(path, aside)
+    except FileNotFoundError: return  # another taker was first
+    if aside.read_text() != stale:  # a quicker process's own lock, created since `stale` was read
+        try: os.link(aside, path)
+        except FileExistsError: pass
+        except OSError: os.rename(aside, path); return  # no hard links here
+    aside.unlink()
+
+@contextlib.contextmanager
+def file_lock(path, # The lock file: it exists while held
+              out_dir, # The folder it locks, for the waiting message
+             ):
+    "Hold the lock file `path`, waiting while a live process holds it; a stale one (`lock_is_stale`) is taken over."
+    path, waiting = Path(path), False
+    while not try_lock_file(path):
+        try: text, age = path.read_text(), time.time() - path.stat().st_mtime
+        except FileNotFoundError: continue  # let go of just now
+        if lock_is_stale(text, age): take_over(path, text); continue
+        if not waiting:
+            print(f'{out_dir}: waiting for another process to finish with it', flush=True)
+            print(f'  (held by {text.strip() or "a process"}; if that process is gone, delete {path})', flush=True)
+            waiting = True
+        time.sleep(LOCK_POLL)
+    try: yield
+    finally: path.unlink(missing_ok=True)
+
+@contextlib.contextmanager
+def config_lock(out_dir, # The folder to lock
+                name='.lock', # The lock file in it
+               ):
+    "Hold an exclusive lock on `out_dir` (waiting for another process's run of it to end): a flock on `name`, or where the filesystem has none the lock file `name`.held."
+    with open(Path(out_dir)/name, 'w') as f:
+        if flock_held(f, out_dir):
+            yield
+            return
+    with file_lock(Path(out_dir)/f'{name}.held', out_dir): yield
+
+# %% ../nbs/14_runs.ipynb #d85177ab
+KERNEL_NAME = 'beadseg-python'  # the kernelspec beadseg's notebooks run in: a name no user's kernelspec has
+
+def write_kernelspec(kernels_dir, # A `kernels` folder of a Jupyter data folder
+                    ) -> Path:
+    "Write the kernelspec `KERNEL_NAME` into `kernels_dir`: an IPython kernel of this very interpreter, `sys.executable`."
+    spec = Path(kernels_dir)/KERNEL_NAME; spec.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, *(['-s'] if sys.flags.no_user_site else []), '-m', 'ipykernel_launcher', '-f', '{connection_file}',
+            '--HistoryManager.hist_file=:memory:']
+    write_json(spec/'kernel.json', dict(argv=argv, display_name='beadseg (this Python)', language='python'))
+    return spec
+
+@contextlib.contextmanager
+def this_python_kernel():
+    "For a while, the kernelspec `KERNEL_NAME` of this Python in a private folder first on JUPYTER_PATH; yields its name."
+    saved = os.environ.get('JUPYTER_PATH')
+    with tempfile.TemporaryDirectory(prefix='beadseg-kernel-') as tmp:
+        write_kernelspec(Path(tmp)/'kernels')
+        os.environ['JUPYTER_PATH'] = os.pathsep.join([tmp, *([saved] if saved else [])])
+        try: yield KERNEL_NAME
+        finally:
+            if saved is None: os.environ.pop('JUPYTER_PATH', None)
+            else: os.environ['JUPYTER_PATH'] = saved
+
+def run_notebook(notebook, # The notebook to execute
+                 output, # Where the executed notebook goes
+                 **kwargs, # More of papermill's `execute_notebook` arguments (parameters, cwd, execution_timeout, ...)
+                ):
+    "`papermill.execute_notebook` in a kernel of this Python (`this_python_kernel`), whatever kernelspecs the user has."
+    import papermill
+    with this_python_kernel() as kernel_name:
+        return papermill.execute_notebook(str(notebook), str(output), kernel_name=kernel_name, **kwargs)

@@ -314,16 +314,22 @@ def test_report_renders_empty_and_partial_histories(tmp_path):
     assert (tmp_path/'reports'/f'{run.name}.html').is_file()
 
 
+FLAKY_KERNEL = """import os, sys
+if 'ipykernel_launcher' in sys.orig_argv:  # only the kernels papermill starts, not beadseg itself
+    counter = os.environ['FLAKY_KERNEL_STARTS']
+    starts = int(open(counter).read()) if os.path.exists(counter) else 0
+    open(counter, 'w').write(str(starts + 1))
+    if starts < int(os.environ['FLAKY_KERNEL_FAILS']):
+        sys.stderr.write('zmq.error.ZMQError: Address already in use\\n'); sys.stderr.flush(); os._exit(1)
+"""
+
+
 def flaky_kernel(folder, fails):
-    "A JUPYTER_PATH whose `python3` kernel dies at start `fails` times (as one that lost its port to another kernel does), then starts."
-    spec, counter = folder/'kernels'/'python3', folder/'starts'
-    spec.mkdir(parents=True)
-    (folder/'kernel.sh').write_text(f'n=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) > {counter}\n'
-                                    f'if [ "$n" -lt {fails} ]; then echo "zmq.error.ZMQError: Address already in use" >&2; exit 1; fi\n'
-                                    f'exec {sys.executable} -m ipykernel_launcher -f "$1"\n')
-    (spec/'kernel.json').write_text(json.dumps(dict(argv=['bash', str(folder/'kernel.sh'), '{connection_file}'],
-                                                    display_name='flaky', language='python')))
-    return {'JUPYTER_PATH': str(folder)}, counter
+    "An environment whose Python kernels die at start `fails` times (as one that lost its port to another kernel does), then start."
+    folder.mkdir(parents=True)
+    (folder/'sitecustomize.py').write_text(FLAKY_KERNEL)  # beadseg's own kernelspec runs this Python: no kernelspec to swap
+    counter = folder/'starts'
+    return {'PYTHONPATH': str(folder), 'FLAKY_KERNEL_STARTS': str(counter), 'FLAKY_KERNEL_FAILS': str(fails)}, counter
 
 
 def test_a_kernel_that_does_not_start_is_started_again(tmp_path):

@@ -1,9 +1,9 @@
-"The search report: tables against pandas, data-driven insights, edge cases, a self-contained HTML page that a browser renders."
+"The search report: tables against pandas, data-driven insights (`beadseg.insights`), edge cases, a self-contained HTML page that a browser renders."
 import json, re, subprocess, sys
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from conftest import run_beadseg, ROOT
-from beadseg import report as R
+from beadseg import insights as I, report as R
 
 METRICS = ['best_val_jacard', 'val_dice', 'best_epoch', 'epochs_run', 'train_seconds', 'seconds_per_epoch', 'images_per_second',
            'params', 'baseline_jaccard', 'object_precision', 'object_recall', 'object_f1', 'count_mae', 'device', 'error']
@@ -109,12 +109,12 @@ def test_tables_match_pandas(rendered):
     ok = df[df['status'] == 'completed']
     for factor in ('architecture', 'batch_size', 'loss_function'):
         expected = ok.groupby(factor)['best_val_jacard'].agg(['mean', 'std', 'max', 'count'])
-        got = R.effect_table(R.load_results(run), factor)
+        got = I.effect_table(R.load_results(run), factor)
         pd.testing.assert_frame_equal(got, expected, check_dtype=False)
         for value in expected[['mean', 'std', 'max']].to_numpy().ravel():
             assert f'{value:.3f}' in text
     pivot = ok.groupby(['architecture', 'loss_function'])['best_val_jacard'].mean().unstack()
-    pd.testing.assert_frame_equal(R.interaction_table(R.load_results(run)), pivot, check_dtype=False, check_names=False)
+    pd.testing.assert_frame_equal(I.interaction_table(R.load_results(run)), pivot, check_dtype=False, check_names=False)
     assert all(f'{v:.3f}' in text for v in pivot.to_numpy().ravel())
     # the ranked table lists the configurations best first
     top = ok.sort_values('best_val_jacard', ascending=False)['config_id'].head(10).tolist()
@@ -150,17 +150,17 @@ def test_insights_in_page(rendered):
 
 def test_opposite_effects_give_opposite_statements(tmp_path):
     up, down = (R.load_results(make_run(tmp_path/n, grid(f))) for n, f in (('up', big_batches_win), ('down', small_batches_win)))
-    assert R.batch_statement(up).startswith('Larger batches helped')
-    assert R.batch_statement(down).startswith('Larger batches did not help')
-    arch_up, arch_down = R.architecture_statement(up), R.architecture_statement(down)
+    assert I.batch_statement(up).startswith('Larger batches helped')
+    assert I.batch_statement(down).startswith('Larger batches did not help')
+    arch_up, arch_down = I.architecture_statement(up), I.architecture_statement(down)
     assert 'Residual connections paid off' in arch_up and 'Attention gates paid off' in arch_up
     assert 'Residual connections did not pay off' in arch_down and 'Attention gates did not pay off' in arch_down
-    assert 'batch size: 32' in R.factor_statement(up) and 'batch size: 8' in R.factor_statement(down)
-    assert 'batch size 32 is the largest' in R.boundary_statement(up) and 'batch size 8 is the smallest' in R.boundary_statement(down)
+    assert 'batch size: 32' in I.factor_statement(up) and 'batch size: 8' in I.factor_statement(down)
+    assert 'batch size 32 is the largest' in I.boundary_statement(up) and 'batch size 8 is the smallest' in I.boundary_statement(down)
     # the factor that explains most variance follows the data
     flat = R.load_results(make_run(tmp_path/'loss', grid(lambda a, b, l: 0.6 + (0.1 if l == 'focal' else 0) + 0.0002 * b)))
-    assert R.factor_statement(flat).startswith('**Loss function** explains most')
-    assert R.batch_statement(flat).startswith('Batch size made no clear difference')
+    assert I.factor_statement(flat).startswith('**Loss function** explains most')
+    assert I.batch_statement(flat).startswith('Batch size made no clear difference')
 
 
 def test_overfitting_and_stopping_follow_the_histories(tmp_path):
@@ -169,7 +169,7 @@ def test_overfitting_and_stopping_follow_the_histories(tmp_path):
                                                                 config('unet', 16, 'focal', 0.6, gap=gap, epochs_run=epochs_run)]))
         gaps = R.best_epoch_gaps(run)
         assert np.allclose(gaps['gap'], gap)
-        return R.overfit_statement(gaps), R.stopping_statement(run.results, **R.training_limits(run))
+        return I.overfit_statement(gaps), I.stopping_statement(run.results, **R.training_limits(run))
     fit, stop = statements(0.2, 50)
     assert 'it overfits' in fit and 'No run reached the cap of 100' in stop and 'patience 30' in stop
     fit, stop = statements(0.0, 100)
@@ -180,15 +180,15 @@ def test_seed_context(tmp_path):
     results = R.load_results(make_run(tmp_path/'r', grid(big_batches_win)))
     ranked = results.sort_values('best_val_jacard', ascending=False).reset_index(drop=True)
     seed = ranked.query("architecture == 'attention_resunet' and batch_size == 16 and loss_function == 'focal_tversky'")
-    lines = R.seed_statements(results)
+    lines = I.seed_statements(results)
     assert f'ranked {seed.index[0] + 1} of 18' in lines[0]
     assert f"{ranked['best_val_jacard'][0]:.3f}, is above the seed's expected range 0.21-0.24" in lines[1]
     assert f"{ranked['best_val_jacard'][0] / 0.12:.1f} times that" in lines[2]
     seedlike = R.load_results(make_run(tmp_path/'seedlike', [config('unet', 8, 'focal', 0.13), config('unet', 16, 'focal', 0.22)]))
-    lines = R.seed_statements(seedlike)
+    lines = I.seed_statements(seedlike)
     assert 'was not part of this search' in lines[0] and 'is within the seed' in lines[1] and '1.8 times that' in lines[2]
     trivial = R.load_results(make_run(tmp_path/'trivial', [config('unet', 8, 'focal', 0.125)]))
-    assert 'is below the seed' in R.seed_statements(trivial)[1] and 'barely above it' in R.seed_statements(trivial)[2]
+    assert 'is below the seed' in I.seed_statements(trivial)[1] and 'barely above it' in I.seed_statements(trivial)[2]
 
 
 EDGE_CASES = {
@@ -204,13 +204,13 @@ EDGE_CASES = {
 def edge_case(tmp_path, name):
     "The edge-case run `name` read as the report notebook reads it: the run, its insights and its failures."
     run = R.load_run(make_run(tmp_path/name, EDGE_CASES[name]))
-    return run, R.insights(run.results, R.best_epoch_gaps(run, 10), **R.training_limits(run),
+    return run, I.insights(run.results, R.best_epoch_gaps(run, 10), **R.training_limits(run),
                            collapses=R.validation_collapses(run)), R.failures_table(run.results)
 
 
 def test_single_configuration(tmp_path):
     run, insights, _ = edge_case(tmp_path, 'single')
-    assert R.coverage_statement(run.results) == 'All 1 planned configurations completed; the numbers below cover all of them.'
+    assert I.coverage_statement(run.results) == 'All 1 planned configurations completed; the numbers below cover all of them.'
     assert 'Only one configuration completed: too little data to compare factors.' in insights
     assert any('ranked 1 of 1 with 0.410' in line for line in insights)
 
@@ -228,9 +228,27 @@ def test_nothing_completed_renders(tmp_path):
 
 def test_partly_failed_and_running(tmp_path):
     run, _, failures = edge_case(tmp_path, 'partly_done')
-    assert R.coverage_statement(run.results) == ('The numbers below cover the 2 of 5 planned configurations that completed '
+    assert I.coverage_statement(run.results) == ('The numbers below cover the 2 of 5 planned configurations that completed '
                                                  '(not finished yet: 1 running and 1 pending; 1 diverged).')
     assert failures['error'].tolist() == ['loss became NaN at epoch 3']
+
+
+def test_failed_with_a_score_is_listed_but_never_counted(tmp_path):
+    "A configuration whose evaluation failed after training keeps its score: Failures lists it; no ranking, best or statistic counts it."
+    run = R.load_run(make_run(tmp_path/'r', [config('unet', 8, 'focal', 0.5), config('resunet', 8, 'focal', 0.55),
+                                              config('unet', 16, 'focal', 0.9, status='failed', error='evaluation failed')]))
+    assert I.scored(run.results)['config_id'].tolist() == ['001_resunet_bs8_focal', '000_unet_bs8_focal']
+    assert R.ranked_table(run.results)['config_id'].tolist() == ['001_resunet_bs8_focal', '000_unet_bs8_focal']
+    assert R.failures_table(run.results)['error'].tolist() == ['evaluation failed']
+    assert (R.overview(run)['completed (scored)'], R.overview(run)['failed']) == (2, 1)
+    assert "The observed best Jaccard, 0.550" in I.seed_statements(run.results)[1]
+
+
+def test_insights_import_no_report(tmp_path):
+    "The statistics and sentences stand on the results table alone: importing them loads neither the report nor matplotlib."
+    code = "import sys, beadseg.insights; print([m for m in ('beadseg.report', 'matplotlib', 'tensorflow') if m in sys.modules])"
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == '[]', out.stdout + out.stderr
 
 
 def test_missing_run_folder_is_one_line(tmp_path):
