@@ -4,16 +4,15 @@
 
 # %% auto #0
 __all__ = ['XLA_FAILURE', 'git_commit', 'device_name', 'environment', 'peak_memory_mb', 'resolve_switch', 'xla_on',
-           'dtype_policy', 'history_frame', 'EpochLog', 'finite_logs', 'fsync_path', 'weights_checksum',
-           'resume_points', 'point_files', 'latest_resume_point', 'publish_best', 'commit_epoch', 'ResumePoint',
-           'KeepBest', 'patience_used_up', 'ResumableEarlyStopping', 'StopOnNaN', 'Interrupted', 'StopOnSignal',
-           'predict_images', 'evaluate', 'evaluate_arrays', 'save_prediction_panel', 'prepare_data', 'seed_everything',
-           'load_resume_point', 'build_or_resume', 'smaller_micro_batch', 'out_of_memory', 'fit_resumably',
-           'xla_failure', 'without_xla_on_failure', 'phase', 'fit_within_memory', 'training_facts', 'score_best',
-           'fit_and_score', 'train', 'plot_history', 'metrics_table']
+           'dtype_policy', 'history_frame', 'EpochLog', 'finite_logs', 'ResumePoint', 'KeepBest', 'patience_used_up',
+           'ResumableEarlyStopping', 'StopOnNaN', 'Interrupted', 'StopOnSignal', 'predict_images', 'evaluate',
+           'evaluate_arrays', 'save_prediction_panel', 'prepare_data', 'seed_everything', 'build_or_resume',
+           'smaller_micro_batch', 'out_of_memory', 'fit_resumably', 'xla_failure', 'without_xla_on_failure', 'phase',
+           'fit_within_memory', 'training_facts', 'score_best', 'fit_and_score', 'train', 'plot_history',
+           'metrics_table']
 
 # %% ../nbs/03_train.ipynb #ecbe12ed
-import contextlib, hashlib, json, math, os, platform, re, resource, shutil, subprocess, time, warnings
+import contextlib, json, math, os, platform, re, resource, shutil, subprocess, time, warnings
 from pathlib import Path
 import numpy as np, pandas as pd
 import keras, tensorflow as tf
@@ -22,7 +21,8 @@ from . import data, pipeline
 from .data import crops_per_image
 from .config import PROJECT_SETTINGS, load_settings
 from .runs import (Status, read_result, is_finished, start_result, finish_result, PARAMETERS, config_from_settings, check_config,
-                          config_id, run_config_id, link_or_copy, record_kernel, signals_to, stop_requested)
+                          config_id, run_config_id, record_kernel, signals_to, stop_requested)
+from .checkpoints import weights_checksum, latest_resume_point, publish_best, commit_epoch, load_resume_point
 from .losses import get_loss, Jaccard, DiceCoef
 from .models import build_model
 from .metrics import score_predictions
@@ -98,70 +98,6 @@ class EpochLog(keras.callbacks.Callback):
 
 # %% ../nbs/03_train.ipynb #7de8c48e
 def finite_logs(logs) -> bool: return all(np.isfinite(v) for v in (logs or {}).values())
-
-def fsync_path(path):
-    "Flush `path` (a file or a folder) to disk."
-    fd = os.open(path, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
-
-def weights_checksum(model) -> str:
-    "A fingerprint of `model`'s weights (not its optimizer): equal weights, equal checksum."
-    digest = hashlib.sha1()
-    for w in model.get_weights(): digest.update(np.ascontiguousarray(w).tobytes())
-    return digest.hexdigest()[:16]
-
-def resume_points(out_dir) -> list[tuple[int, Path]]:
-    "The committed epochs in `out_dir/state`, newest first: (epoch, its folder, or its file in the layout before folders)."
-    state = Path(out_dir)/'state'
-    points = [(int(f.name.split('_')[1]), f) for f in state.glob('epoch_*') if (f/'manifest.json').is_file()]
-    points += [(int(f.stem.split('_')[1]), f) for f in state.glob('epoch_*.keras') if f.is_file()]  # runs begun before
-    return sorted(points, reverse=True)
-
-def point_files(out_dir, # A configuration's folder
-                point:Path, # A resume point: an epoch folder or an old single-file one
-               ) -> tuple[Path, Path]:
-    "The resume model and the best model of resume point `point` (the earlier layout: a file, and model.keras beside state/)."
-    return (point/'model.keras', point/'best.keras') if point.is_dir() else (point, Path(out_dir)/'model.keras')
-
-def latest_resume_point(out_dir) -> tuple[int, Path|None]:
-    "The last committed epoch in `out_dir` and its folder (0, None if none)."
-    return (resume_points(out_dir) or [(0, None)])[0]
-
-def publish_best(out_dir, # A configuration's folder
-                 point:Path|None, # The resume point training continues from; None: none
-                ):
-    "Make `out_dir/model.keras` the best model of resume point `point` (none: remove it)."
-    target = Path(out_dir)/'model.keras'
-    if point is not None and not point.is_dir(): return  # the earlier layout: model.keras is that run's best already
-    if point is not None and (point/'best.keras').is_file(): link_or_copy(point/'best.keras', target)
-    else: target.unlink(missing_ok=True)
-
-def commit_epoch(model, # The model after `epoch`
-                 out_dir, # The configuration's folder
-                 epoch:int, # The epoch just trained (1-based)
-                 best_epoch:int, # The best epoch so far
-                 best_score:float, # Its validation Jaccard
-                 keep=2, # Resume points kept
-                 weights:str=None, # The model's `weights_checksum`, if already computed
-                ) -> Path:
-    "Commit `epoch`: the model, the best model so far and a manifest, in `state/epoch_NNNN/`, renamed into place at once."
-    state = Path(out_dir)/'state'
-    previous, final = latest_resume_point(out_dir)[1], state/f'epoch_{epoch:04d}'
-    tmp = state/f'.epoch_{epoch:04d}.{os.getpid()}.tmp'
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    model.save(tmp/'model.keras')
-    if best_epoch == epoch: link_or_copy(tmp/'model.keras', tmp/'best.keras')
-    elif previous is not None and (best := point_files(out_dir, previous)[1]).is_file(): link_or_copy(best, tmp/'best.keras')
-    (tmp/'manifest.json').write_text(json.dumps(dict(epoch=epoch, best_epoch=best_epoch or None,
-        best_val_jaccard=float(best_score) if best_epoch else None, weights=weights or weights_checksum(model))))
-    for f in tmp.iterdir(): fsync_path(f)
-    if final.exists(): shutil.rmtree(final)  # a rerun of an epoch whose commit was unreadable
-    os.rename(tmp, final); fsync_path(state)
-    for _, old in resume_points(out_dir)[keep:]:
-        if old.is_dir(): shutil.rmtree(old, ignore_errors=True)
-        else: old.unlink(missing_ok=True)
-    return final
 
 class ResumePoint(keras.callbacks.Callback):
     "After every epoch with finite losses, commit it (`commit_epoch`) and point `model.keras` at its best model."
@@ -338,20 +274,6 @@ def seed_everything(seed:int):
     keras.utils.set_random_seed(seed)
     if not tf.config.list_physical_devices('GPU'): tf.config.experimental.enable_op_determinism()
 
-def load_resume_point(out_dir:Path):
-    "The newest readable resume point: (model, epoch, folder); an unreadable one is set aside with a message. (None, 0, None) if none."
-    for stale in (Path(out_dir)/'state').glob('.epoch_*.tmp'): shutil.rmtree(stale, ignore_errors=True)  # a commit killed half-way
-    for epoch, folder in resume_points(out_dir):
-        path = point_files(out_dir, folder)[0]
-        try: return keras.models.load_model(path), epoch, folder
-        except Exception:  # Keras says "File not found" for a truncated file: say what it is instead
-            what = f'truncated or corrupt ({path.stat().st_size} bytes)' if path.is_file() else 'missing'
-            aside = folder.with_name(f'corrupt_{folder.name}_{int(time.time())}')
-            folder.rename(aside)
-            print(f'warning: {path} is unreadable: {what}; set aside as {aside.name}; resuming from the resume point before it',
-                  flush=True)
-    return None, 0, None
-
 def build_or_resume(config:dict, # The configuration
                     out_dir:Path, # Its folder, with the resume points
                     channels:int, # Input channels
@@ -361,7 +283,7 @@ def build_or_resume(config:dict, # The configuration
     keras.mixed_precision.set_dtype_policy(dtype_policy(config['mixed_precision']))
     steps = config['batch_size'] // (micro_batch or config['batch_size'])
     model, epoch, folder = load_resume_point(out_dir)
-    publish_best(out_dir, folder)  # model.keras is always the best model of the resume point training continues from
+    publish_best(out_dir, folder, force=True)  # model.keras is always the best model of the resume point training continues from
     xla = xla_on(config['jit_compile'])
     if model is not None and (model.optimizer.gradient_accumulation_steps or 1) == steps:
         model.jit_compile = xla  # as configured now, not as saved (`without_xla_on_failure` may have turned XLA off)

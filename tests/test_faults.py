@@ -88,7 +88,7 @@ def result(out): return json.loads((out/'result.json').read_text())
 
 def committed(out):
     "The newest committed epoch of `out`."
-    from beadseg.train import latest_resume_point
+    from beadseg.checkpoints import latest_resume_point
     return latest_resume_point(out)[0]
 
 
@@ -103,7 +103,7 @@ def record(phase, sig, out, code, before_epochs, expect_status, expect_code):
 
 def weights_of(path):
     import keras
-    from beadseg.train import weights_checksum
+    from beadseg.checkpoints import weights_checksum
     return weights_checksum(keras.models.load_model(path, compile=False))
 
 

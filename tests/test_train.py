@@ -235,7 +235,8 @@ def test_a_signal_finishes_the_epoch_and_the_resume_trains_as_an_unbroken_run(be
     epoch's data as the unbroken one does (before, it replayed epoch 1's order and crops: validation Jaccard 0.104 against
     0.219 in epoch 3); measured, the histories agree exactly. Two signals in the middle of the resumed run's second epoch
     stop it at once, and that epoch leaves no trace. (The same seed giving the same history is shown on the way.)"""
-    from beadseg.train import train, StopOnSignal, latest_resume_point
+    from beadseg.train import train, StopOnSignal
+    from beadseg.checkpoints import latest_resume_point
     settings = dict(max_epochs=5, dropout=0.0, patience=10, learning_rate=1e-3)
     whole = train(tiny_config(beads, tmp_path/'whole', **settings), verbose=0, epoch_budget=4)  # a rung: not evaluated
     code, output = train_until(beads, tmp_path/'stopped', 'Epoch 2/5', signal.SIGINT,
@@ -276,3 +277,28 @@ def test_xla_that_cannot_compile_falls_back_once_and_says_why(beads12, tmp_path,
     (tmp_path/'run'/'result.json').write_text(json.dumps({**result, 'status': 'interrupted'}))  # a rerun: no XLA from the start
     train(micro_config(beads12, tmp_path/'run', jit_compile='on'), verbose=0)
     assert seen == ['on', 'off', 'off'] and read_result(tmp_path/'run')['xla_fallback'] == reason
+
+
+def test_a_best_model_damaged_in_place_is_restored_on_resume(beads, tmp_path, capsys):
+    """Issue 26, finding 7: the best model was one file hard-linked as model.keras and in every resume point; written over
+    in place, the resume failed with "File not found: .../model.keras" although the file existed. Now model.keras is a copy,
+    the manifests record each file's digest, and the resume restores the damaged file from its intact copy."""
+    from beadseg.train import train
+    from beadseg.checkpoints import file_digest, latest_resume_point, weights_checksum
+    out = tmp_path/'run'
+    paused = train(tiny_config(beads, out, max_epochs=3, patience=10), verbose=0, epoch_budget=2)
+    point = latest_resume_point(out)[1]
+    best = keras.models.load_model(out/'model.keras')
+    with open(point/'best.keras', 'r+b') as f:  # the state's best model: every link to it is damaged at once
+        f.seek(middle := (point/'best.keras').stat().st_size // 2); flipped = bytes(255 - b for b in f.read(64))
+        f.seek(middle); f.write(flipped)
+    assert file_digest(point/'best.keras') != file_digest(out/'model.keras')  # before: one file, both damaged
+    done = train(tiny_config(beads, out, max_epochs=3, patience=10), verbose=0)
+    assert (paused['status'], done['status'], done['epochs_run']) == ('paused', 'completed', 3), done.get('error')
+    said = capsys.readouterr().out
+    if paused['best_epoch'] == 2:  # best.keras was epoch 2's own model: that epoch is set aside and trained again, as it was
+        assert 'model.keras is damaged (its bytes are not those committed); set aside as corrupt_epoch_0002_' in said, said
+    else:  # an older best: restored from model.keras, and epoch 2 is kept
+        assert 'best.keras was damaged; restored from its copy' in said and 'set aside' not in said, said
+    if done['best_epoch'] <= 2:  # the best epoch's weights, whichever way they were recovered
+        assert weights_checksum(keras.models.load_model(out/'model.keras')) == weights_checksum(best)
