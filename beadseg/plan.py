@@ -14,7 +14,7 @@ import beadseg
 from .config import SPACE_KEYS, Distribution, write_settings
 from .data import check_batch_fits, check_dataset, crops_per_image, split_report, split_sizes
 from .runs import FACTORS, check_config, config_from_settings, config_id, choices, plan_factors, write_csv, write_json
-from .halving import schedule
+from .halving import Halving
 
 # %% ../nbs/18_plan.ipynb #cb6dcd70
 SEED_ID = ('architecture', 'batch_size', 'loss_function')  # named in every configuration id
@@ -66,7 +66,7 @@ def make_plan(settings:dict) -> pd.DataFrame:
             plan = plan.iloc[rng.sample(range(len(plan)), s['n_random'])].reset_index(drop=True)
     plan.insert(0, 'config_id', [f'{i:03d}_{config_id(row, varied(space))}' for i, row in plan.iterrows()])
     plan.insert(0, 'index', range(len(plan)))
-    if s['search_type'] == 'halving': schedule(settings, len(plan))  # nothing to halve: one line, before anything is written
+    if s['search_type'] == 'halving': Halving.from_settings(settings)  # nothing to halve: one line, before anything is written
     return plan
 
 # %% ../nbs/18_plan.ipynb #dee37673
