@@ -128,7 +128,8 @@ def damage(out_dir, # A configuration's folder
     "What makes resume point `point` untrustworthy, in words, after `repair_best`; None if nothing."
     path = point_files(out_dir, point)[0]
     if not path.is_file(): return f'{path} is missing'
-    if not intact(path, recorded_digests(point).get('model.keras')): return f'{path} is damaged (its bytes are not those committed)'
+    if not intact(path, recorded_digests(point).get('model.keras')):
+        return f'{path} is damaged: truncated or corrupt, not the bytes committed ({path.stat().st_size} bytes)'
     if point.is_dir() and not repair_best(out_dir, point): return f'{point/"best.keras"} is damaged and no intact copy is left'
     return None
 

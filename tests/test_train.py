@@ -297,7 +297,7 @@ def test_a_best_model_damaged_in_place_is_restored_on_resume(beads, tmp_path, ca
     assert (paused['status'], done['status'], done['epochs_run']) == ('paused', 'completed', 3), done.get('error')
     said = capsys.readouterr().out
     if paused['best_epoch'] == 2:  # best.keras was epoch 2's own model: that epoch is set aside and trained again, as it was
-        assert 'model.keras is damaged (its bytes are not those committed); set aside as corrupt_epoch_0002_' in said, said
+        assert 'model.keras is damaged: truncated or corrupt, not the bytes committed' in said and 'set aside as corrupt_epoch_0002_' in said, said
     else:  # an older best: restored from model.keras, and epoch 2 is kept
         assert 'best.keras was damaged; restored from its copy' in said and 'set aside' not in said, said
     if done['best_epoch'] <= 2:  # the best epoch's weights, whichever way they were recovered
