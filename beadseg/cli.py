@@ -9,10 +9,10 @@ __all__ = ['COMMANDS', 'MAX_SYNTH_SIZE', 'BENCH_DEFAULTS', 'QuietImport', 'Quiet
            'run_planned', 'add_search_arguments', 'dataset_ready', 'summarise', 'search_command', 'add_run_dir',
            'add_run_one_arguments', 'run_one_command', 'add_run_rung_arguments', 'run_rung_command', 'collect_command',
            'add_confirm_arguments', 'confirm_command', 'add_submit_arguments', 'submit_command', 'add_report_arguments',
-           'report_command', 'add_model_argument', 'given', 'add_predict_arguments', 'predict_command',
-           'add_evaluate_arguments', 'evaluate_command', 'add_synth_arguments', 'synth_command', 'validate_command',
-           'add_demo_arguments', 'demo_command', 'add_bench_arguments', 'bench_command', 'halving_bench_command',
-           'pipeline_command', 'compile_command']
+           'report_command', 'add_model_argument', 'given', 'add_predict_arguments', 'add_fold_argument',
+           'predict_command', 'add_evaluate_arguments', 'evaluate_command', 'add_synth_arguments', 'synth_command',
+           'validate_command', 'add_demo_arguments', 'demo_command', 'add_bench_arguments', 'bench_command',
+           'halving_bench_command', 'pipeline_command', 'compile_command']
 
 # %% ../nbs/11_cli.ipynb #f20c4bb7
 import argparse, importlib.abc, importlib.util, os, shlex, sys, tempfile
@@ -395,20 +395,28 @@ def add_predict_arguments(parser):
     parser.add_argument('--overlap', type=int, help='pixels neighbouring tiles share (default: tile size / 4)')
     parser.add_argument('--tta', action='store_true', help='average the 8 flips and rotations (8 times slower)')
     parser.add_argument('--save-prob', action='store_true', help='also write <name>_prob.tif (float32 probabilities)')
+    parser.add_argument('--rois', action='store_true', help="also write <name>_rois.zip: each bead's outline, an ImageJ ROI for Fiji's ROI Manager")
+    parser.add_argument('--geojson', action='store_true', help='also write <name>.geojson: each bead a QuPath detection with its measurements')
     parser.add_argument('--overwrite', action='store_true', help='predict inputs whose outputs already exist again')
     parser.add_argument('--tiles-per-batch', type=int, help='tiles per model call (default: as many as hold 1024 x 1024 pixels)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    add_fold_argument(parser)
+
+def add_fold_argument(parser):
+    parser.add_argument('--fold', choices=('mean', 'best'), default='mean', help="a confirmation run: average the winner's fold models (mean, default) or take its best fold's (best)")
 
 @command('predict', 'segment and count beads in new images with a trained model', add_predict_arguments)
 def predict_command(args):
     "Predict the inputs into --out; 1 if any input failed."
     from beadseg.predict import predict
+    from beadseg.shapes import write_shapes
     overrides = given(args, 'color', 'shrink')
     log = lambda line: print(line, file=sys.stderr)
     run = predict(args.model, args.inputs, args.out, args.threshold, args.min_size, tile_size=args.tile_size,
                   overlap=args.overlap, tta=args.tta, save_prob=args.save_prob, overwrite=args.overwrite,
-                  tiles_per_batch=args.tiles_per_batch, progress=not args.no_progress, log=log, **overrides)
+                  tiles_per_batch=args.tiles_per_batch, progress=not args.no_progress, log=log, fold=args.fold, **overrides)
     counts, s = run['counts'], run['settings']
+    write_shapes(run['out'], counts.image, args.rois, args.geojson)  # outlines of the images done (beadseg.shapes)
     if run['interrupted']: return 130  # Ctrl-C: predict said what it kept
     print(f"beadseg predict: {len(counts)} images, {int(counts.bead_count.sum())} beads (threshold {s['threshold']}, "
           f"min size {s['min_size']}, shrink {s['shrink']}, tiles of {s['tile_size']}); results in {run['out']}"
@@ -421,23 +429,23 @@ def add_evaluate_arguments(parser):
     parser.add_argument('dataset', metavar='DATASET', help='a labelled test set: images/, masks/ and optionally labels/')
     parser.add_argument('--out', help="folder for evaluation.json and evaluation_per_image.csv (default: the model's configuration folder)")
     parser.add_argument('--top', type=int, help='with a search run folder: score its TOP best configurations into RUN_DIR/test_results.csv')
+    parser.add_argument('--threshold', type=float, help='probability threshold (default: chosen at training, as predict; else 0.5)')
+    parser.add_argument('--min-size', type=int, help='smallest bead kept, in pixels (default: chosen at training, as predict; else 0)')
+    add_fold_argument(parser)
 
 @command('evaluate', 'score a model on a held-out labelled test set', add_evaluate_arguments)
 def evaluate_command(args):
     "Evaluate the model on DATASET and print its scores."
-    from beadseg.predict import evaluate_model
+    from beadseg.predict import evaluate_model, evaluation_lines
     from beadseg.testset import score_top
     if args.top:
         table = score_top(args.model, args.dataset, args.top)
         print(table[['config_id', 'best_val_jacard', 'test_jaccard', 'test_object_f1', 'test_count_mae']].to_string(index=False))
         print(f'beadseg evaluate: test scores of {len(table)} configurations in {Path(args.model)/"test_results.csv"}')
         return
-    e = evaluate_model(args.model, args.dataset, args.out, **given(args, 'color', 'shrink', 'mask_suffix'),
-                       log=lambda line: print(line, file=sys.stderr))
-    ci = lambda k: f" [{e[k + '_ci'][0]:.3f}, {e[k + '_ci'][1]:.3f}]" if k + '_ci' in e else ''
-    print(f"beadseg evaluate: {e['n_images']} images: Jaccard {e['jaccard']:.4f}{ci('jaccard')}, Dice {e['dice']:.4f}{ci('dice')}, "
-          f"baseline {e['baseline_jaccard']:.4f}, object F1 {e['object_f1']:.4f}{ci('object_f1')}, count error {e['count_mae']:.2f}; "
-          f"written to {Path(e['written_to'])}")
+    e = evaluate_model(args.model, args.dataset, args.out, **given(args, 'color', 'shrink', 'mask_suffix'), threshold=args.threshold,
+                       min_size=args.min_size, fold=args.fold, log=lambda line: print(line, file=sys.stderr))
+    print(evaluation_lines(e))
 
 # %% ../nbs/11_cli.ipynb #2663128d
 def add_synth_arguments(parser):
@@ -445,6 +453,9 @@ def add_synth_arguments(parser):
     parser.add_argument('out', help='folder to write images/, masks/ and labels/ to')
     parser.add_argument('--n-images', type=int, default=40, help='number of images (default 40)')
     parser.add_argument('--size', type=int, default=512, help='image side in pixels (default 512)')
+    parser.add_argument('--preset', default='realistic', choices=('easy', 'realistic', 'hard'), help='how realistic the beads are (default realistic)')
+    parser.add_argument('--bead-diameter', type=float, help='mean bead diameter in pixels, or in um with --pixel-size (default 12 px)')
+    parser.add_argument('--pixel-size', type=float, help='micrometres per pixel (then --bead-diameter is in um)')
 
 MAX_SYNTH_SIZE = 8192  # 64 MiB a float image; beyond that memory, not beads, is what a test exercises
 
@@ -456,7 +467,7 @@ def synth_command(args):
     s = settings_from_args(args)['data']
     if not 16 <= args.size <= MAX_SYNTH_SIZE: raise ValueError(f'--size {args.size}: give a side from 16 to {MAX_SYNTH_SIZE} pixels')
     if args.n_images < 2: raise ValueError(f'--n-images {args.n_images}: a dataset needs at least 2 images')
-    out = synthesize(args.out, args.n_images, args.size, seed=s['seed'], shrink=s['shrink'])
+    out = synthesize(args.out, args.n_images, args.size, s['seed'], s['shrink'], args.preset, args.bead_diameter, args.pixel_size)
     print(validate_dataset(out, args.size).table())
 
 # %% ../nbs/11_cli.ipynb #42b0bec3

@@ -121,11 +121,11 @@ SCHEMA = {
                  image_size=positive_int, val_split=open_fraction, seed=seed_int, augment=boolean),
     'train': dict(learning_rate=positive_float, patience=non_negative_int, max_epochs=positive_int,
                   dropout=dropout_rate, base_filters=positive_int, micro_batch_size=non_negative_int,
-                  mixed_precision=one_of(PRECISION), jit_compile=one_of(AUTO_ON_OFF)),
+                  mixed_precision=one_of(PRECISION), jit_compile=one_of(AUTO_ON_OFF), tensorboard=boolean),
     'search': dict(search_type=one_of(('random', 'grid', 'halving')), architectures=list_of(one_of(ARCHITECTURES)),
                    batch_sizes=list_of(positive_int), loss_functions=list_of(one_of(LOSS_NAMES)),
                    n_random=positive_int, workers=positive_int, timeout=non_negative_int, retries=non_negative_int,
-                   eta=number(int, 'an integer >= 2', lambda v: v >= 2), min_epochs=positive_int),
+                   eta=number(int, 'an integer >= 2', lambda v: v >= 2), min_epochs=positive_int, repeats=positive_int),
     'cluster': dict(modules=text, activate=text, container=text, account=text, array_limit=non_negative_int),
     'pbs': dict(queue=text, walltime=walltime, array_walltime=walltime, ncpus=positive_int,
                 ngpus=non_negative_int, mem=matching(r'(?i)\d+(b|kb|mb|gb|tb)', 'a size such as 240gb')),
@@ -133,7 +133,7 @@ SCHEMA = {
                   gres=text, slurm_mem=matching(r'(?i)\d+[kmgt]?', 'a size such as 240G')),
 }
 KEY_SECTION = {key: section for section, keys in SCHEMA.items() for key in keys}
-OPTIONAL = dict(retries='2', micro_batch_size='0', test_dataset='', eta='3', min_epochs='30')  # keys added after runs were made: an older run's settings.ini gets these defaults
+OPTIONAL = dict(retries='2', micro_batch_size='0', test_dataset='', eta='3', min_epochs='30', tensorboard='on', repeats='1')  # keys added after runs were made: an older run's settings.ini gets these defaults
 
 # %% ../nbs/10_config.ipynb #562f0972
 class SettingsError(ValueError):
@@ -154,8 +154,9 @@ def find_settings(path=None, # An explicit settings file; else $BEADSEG_SETTINGS
     raise SettingsError(f'settings.ini not found in {Path.cwd()} nor at {PROJECT_SETTINGS}; pass --settings FILE')
 
 # %% ../nbs/10_config.ipynb #c735a3a8
+# seed as a dimension trains replicates of each configuration; the split stays the run's (made once, with [data] seed)
 SPACE_KEYS = dict(architecture=one_of(ARCHITECTURES), batch_size=positive_int, loss_function=one_of(LOSS_NAMES),
-                  **SCHEMA['train'], **{k: SCHEMA['data'][k] for k in ('color', 'shrink', 'augment')},
+                  **{k: v for k, v in SCHEMA['train'].items() if k != 'tensorboard'}, **{k: SCHEMA['data'][k] for k in ('color', 'shrink', 'augment', 'seed')},
                   image_size=number(int, 'a positive multiple of 16 (2^depth)', lambda v: v > 0 and v % 16 == 0))
 DISTRIBUTIONS = ('loguniform', 'uniform', 'intuniform')
 MAX_DECADES = 8  # a loguniform wider than this draws values no model trains with (1e-300 to 1e300 was accepted)

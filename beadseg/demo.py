@@ -14,9 +14,9 @@ from .config import load_settings
 DEMO = dict(search_type='random', n_random=4, architectures='unet, resunet, attention_resunet', batch_sizes='4, 8',
             loss_functions='combined, focal_tversky', image_size=128, base_filters=8, max_epochs=8, patience=4,
             learning_rate=1e-3, val_split=0.2, seed=42, workers=1)
-DEMO_DATA = dict(n_images=24, size=256)  # synthetic images: 4 training crops of 128 x 128 each per epoch
+DEMO_DATA = dict(n_images=24, size=256, preset='realistic')  # realistic synthetic beads: 4 training crops of 128 x 128 each per epoch
 QUICK = dict(n_random=2, image_size=64, max_epochs=2, patience=2)
-QUICK_DATA = dict(n_images=12, size=128)
+QUICK_DATA = dict(n_images=12, size=128, preset='realistic')
 
 def demo_settings(settings_path=None, quick=False) -> dict:
     "settings.ini with the demo's overrides (smaller still with `quick`)."

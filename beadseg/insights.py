@@ -4,15 +4,18 @@
 
 # %% auto #0
 __all__ = ['UNFINISHED_ORDER', 'CLEAR', 'NAMES', 'SEED_BEST', 'SEED_RANGE', 'scored', 'searched_factors', 'shown_factors',
-           'is_continuous', 'levels', 'effect_table', 'interaction_table', 'eta_squared', 'factor_effects',
-           'status_counts', 'coverage_statement', 'f3', 'noise_level', 'clear_difference', 'noted', 'factor_statement',
+           'is_continuous', 'levels', 'effect_table', 'interaction_table', 'eta_squared', 'factor_levels', 'noise',
+           'factor_effects', 'status_counts', 'coverage_statement', 'f3', 'noise_level', 'clear_difference',
+           'validation_se', 'noise_statement', 'level_comparison', 'not_detected', 'factor_verdict', 'factor_statement',
            'batch_statement', 'architecture_statement', 'overfit_statement', 'stopping_statement', 'seed_statements',
-           'boundary_statement', 'images_needed', 'distinguishable_statement', 'collapsed_epochs', 'collapse_statement',
-           'test_statement', 'pruning_statement', 'insights']
+           'boundary_statement', 'images_needed', 'config_summary', 'distinguishable_statement', 'collapsed_epochs',
+           'collapse_statement', 'test_statement', 'rung_noise', 'cut_statement', 'pruning_statement', 'comparisons',
+           'insights']
 
 # %% ../nbs/23_insights.ipynb #7f4c61d8
 import numpy as np, pandas as pd
 from .config import SPACE_KEYS
+from .noise import REPLICATE, NoiseModel, compare, configurations, factor_tests, noise_model, p_value
 from .runs import FACTORS, Status, UNFINISHED
 from .tables import SCORE, COLUMNS, is_ranked, ranked_rows
 
@@ -23,8 +26,8 @@ def scored(results:pd.DataFrame) -> pd.DataFrame:
 
 # %% ../nbs/23_insights.ipynb #b92ab257
 def searched_factors(results:pd.DataFrame) -> list[str]:
-    "The table's dimensions: the seed's `FACTORS`, then those a `[space]` added (columns that are configuration keys)."
-    return [*FACTORS, *(c for c in results.columns if c in SPACE_KEYS and c not in COLUMNS)]
+    "The table's dimensions: the seed's `FACTORS`, then those a `[space]` added (columns that are configuration keys), never the replicate `seed`."
+    return [*FACTORS, *(c for c in results.columns if c in SPACE_KEYS and c not in COLUMNS and c != REPLICATE)]
 
 def shown_factors(results:pd.DataFrame) -> list[str]:
     "The factors the report shows: the seed's three, and every other that varied among the scored configurations."
@@ -67,15 +70,27 @@ def eta_squared(results:pd.DataFrame, # The results table
     return float((groups['count'] * (groups['mean'] - y.mean()) ** 2).sum() / total)
 
 # %% ../nbs/23_insights.ipynb #d5cbde80
+def factor_levels(s:pd.DataFrame) -> pd.DataFrame:
+    "The scored rows' level of each searched factor that varied (quartile bins for a continuous one), and their `seed` if it varied: what the noise model sees."
+    cols = {f: levels(s, f).astype(str) for f in searched_factors(s) if f in s and s[f].nunique() > 1}
+    if REPLICATE in s and s[REPLICATE].nunique() > 1: cols[REPLICATE] = s[REPLICATE]
+    return pd.DataFrame(cols, index=s.index)
+
+def noise(results:pd.DataFrame) -> NoiseModel:
+    "The `beadseg.noise.noise_model` of the scored rows: between-seed, main-effects residual, or none."
+    s = scored(results)
+    return noise_model(s[SCORE].astype(float), factor_levels(s))
+
 def factor_effects(results:pd.DataFrame) -> pd.DataFrame:
-    "Per varied factor: levels, eta squared, spread of means, best level and its lead; most explanatory first."
-    rows = []
+    "Per varied factor: levels, its main-effects F test against the noise model (df, F, p), eta squared, spread of means, best level and its lead."
+    s, rows = scored(results), []
+    tests = factor_tests(s[SCORE].astype(float), factor_levels(s), noise(results))
     for f in searched_factors(results):
-        if f not in results or scored(results)[f].nunique() < 2: continue
-        means = effect_table(results, f)['mean'].sort_values(ascending=False)
-        rows.append(dict(factor=f, levels=len(means), eta_squared=eta_squared(results, f), spread=means.iloc[0] - means.iloc[-1],
+        if f not in results or s[f].nunique() < 2: continue
+        means, t = effect_table(results, f)['mean'].sort_values(ascending=False), tests.loc[f]
+        rows.append(dict(factor=f, levels=len(means), df=t.df, F=t.F, p=t.p, eta_squared=t.eta_squared, spread=means.iloc[0] - means.iloc[-1],
                          best=means.index[0], best_mean=means.iloc[0], runner_up=means.index[1], lead=means.iloc[0] - means.iloc[1]))
-    table = pd.DataFrame(rows, columns=['factor', 'levels', 'eta_squared', 'spread', 'best', 'best_mean', 'runner_up', 'lead'])
+    table = pd.DataFrame(rows, columns=['factor', 'levels', 'df', 'F', 'p', 'eta_squared', 'spread', 'best', 'best_mean', 'runner_up', 'lead'])
     return table.sort_values(['eta_squared', 'spread'], ascending=False, na_position='last').set_index('factor')
 
 # %% ../nbs/23_insights.ipynb #42b73254
@@ -103,7 +118,7 @@ def coverage_statement(results:pd.DataFrame) -> str:
     return head + (f" ({'; '.join(parts)})" if parts else '') + '.'
 
 # %% ../nbs/23_insights.ipynb #3db70fbd
-CLEAR = 0.01
+CLEAR = 0.01  # kept for older callers: the insights no longer use a fixed threshold
 NAMES = {k: k.replace('_', ' ') for k in SPACE_KEYS}  # every key a [space] can vary: image_size -> image size
 
 def f3(x) -> str: return f'{x:.3f}'
@@ -116,52 +131,75 @@ def noise_level(results:pd.DataFrame) -> float:
     return float(half.median()) if half.notna().any() else 0.0
 
 def clear_difference(results:pd.DataFrame) -> float:
-    "The smallest difference of validation Jaccard the insights call an effect: `CLEAR`, or the validation noise if larger."
+    "`CLEAR`, or the validation noise if larger (kept for older callers; the insights test against the noise model instead)."
     return max(CLEAR, noise_level(results))
 
-def noted(results:pd.DataFrame) -> str:
-    "', within the validation noise of ±x' when the noise, not `CLEAR`, decides what counts as a difference."
-    return f', within the validation noise of ±{noise:.3f}' if (noise := noise_level(results)) > CLEAR else ''
+def validation_se(s:pd.DataFrame) -> pd.Series:
+    "Each row's validation-sample standard error: its 95 % interval's half-width / 1.96 (0 where none was recorded)."
+    if 'val_jaccard_ci_low' not in s: return pd.Series(0.0, index=s.index)
+    return ((pd.to_numeric(s['val_jaccard_ci_high'], errors='coerce') - pd.to_numeric(s['val_jaccard_ci_low'], errors='coerce')) / 3.92).fillna(0.0)
+
+def noise_statement(results:pd.DataFrame) -> str:
+    "Which noise model the comparisons use, its size and source, and the validation-sample noise added to it."
+    v = noise_level(results)
+    return noise(results).describe() + (f' Every comparison adds the validation-sample noise (95 % intervals over images, median '
+                                         f'±{v:.3f}).' if v else '')
+
+# %% ../nbs/23_insights.ipynb #8ca1beda
+def level_comparison(results:pd.DataFrame, # The results table
+                     factor:str, a, b, # The factor and two of its levels
+                    ):
+    "`beadseg.noise.compare` of the mean score at level `a` of `factor` against level `b` (None without a noise estimate)."
+    s = scored(results)
+    se, at_a, at_b = validation_se(s), s[s[factor] == a], s[s[factor] == b]
+    return compare(at_a[SCORE].mean(), len(at_a), at_b[SCORE].mean(), len(at_b), noise(results), se[at_a.index].median(), se[at_b.index].median())
+
+def not_detected(c) -> str: return f'no difference detected at this sample size ({c.interval()}; smallest detectable difference {c.detectable:.3f})'
+
+def factor_verdict(results:pd.DataFrame, factor:str, e:pd.Series) -> str:
+    "One factor's sentence: it matters (its test, best level and lead with interval), no difference detected, or not separable."
+    name = NAMES[factor]
+    if e.p != e.p: return f'{name.capitalize()}: its levels are confounded with other factors in these runs, so its effect cannot be tested.'
+    test, c = f'F({e.df:.0f}, {noise(results).df}) = {e.F:.3g}, {p_value(e.p)}, eta squared {e.eta_squared:.2f}', level_comparison(results, factor, e.best, e.runner_up)
+    if e.p < 0.05: return f'**{name.capitalize()}** matters ({test}): best level {e.best} (mean {f3(e.best_mean)}), ahead of {e.runner_up} by {c.interval()}.'
+    return f'{name.capitalize()}: no difference detected at this sample size ({test}; smallest detectable difference between two levels {c.detectable:.3f}).'
 
 def factor_statement(results:pd.DataFrame) -> str:
-    "Which factor explains most of the variance, and the best level of each factor with its lead."
+    "For each factor that varied: whether it matters by its F test against the noise model, else what could have been detected."
     effects = factor_effects(results)
     if effects.empty: return 'No factor varied among the completed configurations, so no factor can be compared.'
-    leads = '; '.join(f"{NAMES[f]}: {e.best} (mean {f3(e.best_mean)}, {f3(e.lead)} ahead of {e.runner_up})" for f, e in effects.iterrows())
-    if (noise := noise_level(results)) and (effects['spread'] < noise).all():
-        return (f'No factor changed best validation Jaccard by more than the validation noise (95 % intervals of about '
-                f'±{noise:.3f}), so no factor can be said to matter on this validation set. Best levels so far: {leads}.')
-    known = effects['eta_squared'].dropna()
-    if known.empty: return f'Too few completed configurations to separate the factors (each level has at most one). Best levels so far: {leads}.'
-    top = known.index[0]
-    others = ', '.join(f'{NAMES[f]} {known[f]:.2f}' for f in known.index[1:])
-    return (f"**{NAMES[top].capitalize()}** explains most of the variance in best validation Jaccard (eta squared {known[top]:.2f}"
-            + (f'; {others}' if others else '') + f'). Best level of each factor: {leads}.')
+    if not noise(results).known:
+        leads = '; '.join(f"{NAMES[f]}: {e.best} (mean {f3(e.best_mean)}, {f3(e.lead)} ahead of {e.runner_up})" for f, e in effects.iterrows())
+        return ('No factor can be said to matter: these runs give no estimate of the run-to-run noise (see the noise model), so '
+                f'no difference between levels can be told from luck. Best levels so far, untested: {leads}.')
+    return ' '.join(factor_verdict(results, f, e) for f, e in effects.iterrows())
 
 # %% ../nbs/23_insights.ipynb #07afdad9
 def batch_statement(results:pd.DataFrame) -> str:
-    "Whether larger batch sizes helped (the seed's hypothesis)."
+    "Whether larger batch sizes helped (the seed's hypothesis): the largest against the smallest, tested against the noise model."
     s = scored(results)
     means = s.groupby('batch_size')[SCORE].mean()
     if len(means) < 2: return 'Only one batch size completed, so the seed\'s hypothesis that larger batches help cannot be tested.'
-    if len(s) < 3: return 'Too few completed configurations to judge whether larger batches help.'
     small, large = means.index.min(), means.index.max()
-    diff, rho = means[large] - means[small], s['batch_size'].rank().corr(s[SCORE].rank())
+    rho = s['batch_size'].rank().corr(s[SCORE].rank())
     trend = f'mean Jaccard {f3(means[small])} at batch {small} vs {f3(means[large])} at batch {large}, rank correlation {rho:+.2f}'
-    if abs(diff) < clear_difference(results): return f"Batch size made no clear difference ({trend}{noted(results)}): no support for the seed's hypothesis that larger batches help."
-    if diff > 0: return f"Larger batches helped ({trend}), as the seed hypothesised."
-    return f"Larger batches did not help; smaller ones scored higher ({trend}), contrary to the seed's hypothesis."
+    if (c := level_comparison(results, 'batch_size', large, small)) is None:
+        return (f"Whether larger batches help cannot be tested ({trend}): these runs give no estimate of the run-to-run noise "
+                "(see the noise model).")
+    if not c.significant: return f"Batch size {large} against {small}: {not_detected(c)}; {trend}. No support for the seed's hypothesis that larger batches help."
+    if c.diff > 0: return f"Larger batches helped ({trend}; batch {large} against {small}: {c.interval()}), as the seed hypothesised."
+    return f"Larger batches did not help; smaller ones scored higher ({trend}; batch {large} against {small}: {c.interval()}), contrary to the seed's hypothesis."
 
 # %% ../nbs/23_insights.ipynb #280b9419
 def architecture_statement(results:pd.DataFrame) -> str:
-    "Whether residual connections and attention gates paid off."
-    means = scored(results).groupby('architecture')[SCORE].mean()
-    out = []
+    "Whether residual connections and attention gates paid off, each tested against the noise model."
+    means, out = scored(results).groupby('architecture')[SCORE].mean(), []
     for feature, plain, added in (('Residual connections', 'unet', 'resunet'), ('Attention gates', 'resunet', 'attention_resunet')):
         if plain not in means or added not in means: continue
-        diff = means[added] - means[plain]
-        verdict = f'made no clear difference{noted(results)}' if abs(diff) < clear_difference(results) else 'paid off' if diff > 0 else 'did not pay off'
-        out.append(f'{feature} {verdict}: {added} averages {f3(means[added])} vs {plain} {f3(means[plain])} ({diff:+.3f}).')
+        c, said = level_comparison(results, 'architecture', added, plain), f'{added} averages {f3(means[added])} vs {plain} {f3(means[plain])}'
+        verdict = ('cannot be judged: these runs give no estimate of the run-to-run noise' if c is None else not_detected(c) if not c.significant
+                   else f"{'paid off' if c.diff > 0 else 'did not pay off'} ({c.interval()})")
+        out.append(f'{feature}: {verdict}; {said}.' if c is None or not c.significant else f'{feature} {verdict}: {said}.')
     return ' '.join(out) or 'Too few architectures completed to judge residual connections or attention gates.'
 
 # %% ../nbs/23_insights.ipynb #32a5fe0e
@@ -240,28 +278,36 @@ def images_needed(half_width:float, # Half-width of the 95 % intervals now
                   n_images:int, # Validation images they come from
                   difference:float, # The score difference to tell apart
                  ) -> int:
-    "About how many validation images would make a `difference` between two scores exceed the noise."
+    "About how many validation images would make a `difference` between two scores exceed the noise; a `ValueError` unless it is positive."
+    if not difference > 0: raise ValueError(f'difference {difference}: no number of images separates two scores that do not differ')
     return int(np.ceil(n_images * 2 * (half_width / max(difference, 1e-3)) ** 2))
 
+def config_summary(results:pd.DataFrame) -> pd.DataFrame:
+    "One row per configuration (its runs differing only in `seed` pooled), best mean first: its best run's id, mean, sd and n of its scores, validation standard error."
+    s = scored(results)
+    lv = factor_levels(s)
+    key = (configurations(lv) if REPLICATE in lv else s['config_id']).to_numpy() if len(s) else []  # pooled only over seeds
+    groups = s.assign(_config=key, _se=validation_se(s)).groupby('_config', sort=False)
+    summary = groups.agg(config_id=('config_id', 'first'), mean=(SCORE, 'mean'), sd=(SCORE, 'std'), n=(SCORE, 'size'), se=('_se', 'median'))
+    return summary.sort_values('mean', ascending=False, kind='stable').reset_index(drop=True)
+
 def distinguishable_statement(results:pd.DataFrame) -> str:
-    "Whether the best configuration is ahead of the others by more than its validation noise."
-    s = scored(results).reset_index(drop=True)
-    cols = ['val_jaccard', 'val_jaccard_ci_low', 'val_jaccard_ci_high', 'n_val_images']
-    if len(s) < 2 or not set(cols) <= set(s) or s.loc[:1, cols].isna().any().any():
-        return 'No bootstrap intervals were recorded, so the ranking cannot be checked against the validation noise.'
-    s[cols] = s[cols].apply(pd.to_numeric, errors='coerce')
-    best, second = s.iloc[0], s.iloc[1]
-    interval = lambda r: f"{f3(r.val_jaccard)} ({f3(r.val_jaccard_ci_low)}-{f3(r.val_jaccard_ci_high)})"
-    tied = s.iloc[1:][s['val_jaccard_ci_high'].iloc[1:] >= best.val_jaccard_ci_low]
-    n, what = int(best.n_val_images), f'whole-image validation Jaccard with 95 % intervals over {int(best.n_val_images)} images'
-    if tied.empty:
-        return (f'The best configuration, {best.config_id}, is ahead by more than the noise ({what}): {interval(best)} against '
-                f'{interval(second)} for the runner-up, {second.config_id}.')
-    half, diff = (best.val_jaccard_ci_high - best.val_jaccard_ci_low) / 2, abs(best.val_jaccard - second.val_jaccard)
-    return (f'The top {len(tied) + 1} configurations are not distinguishable on this validation set: their intervals overlap '
-            f"the best's ({what}; {best.config_id} {interval(best)}, {second.config_id} {interval(second)}). Telling the best "
-            f'and the runner-up apart (a difference of {diff:.3f}) would take about {images_needed(half, n, diff)} validation '
-            f'images; treat them as equally good, or confirm on more data.')
+    "Whether the best configuration is ahead of the runner-up by more than the noise model and the validation noise together."
+    summary = config_summary(results)
+    name = lambda r: f"{r['config_id']} ({f3(r['mean'])}" + (f", mean of {r['n']} runs, sd {f3(r['sd'])})" if r['n'] > 1 else ')')
+    if len(summary) < 2:
+        r = summary.iloc[0]
+        return (f"All {r['n']} scored runs are replicates of one configuration (seeds of {r['config_id']}): mean {f3(r['mean'])}, "
+                f"sd {f3(r['sd'])}; there is no other configuration to rank it against.")
+    best, second = summary.iloc[0], summary.iloc[1]
+    c = compare(best['mean'], best['n'], second['mean'], second['n'], model := noise(results), best['se'], second['se'])
+    if c is None:
+        return (f"The best configuration, {name(best)}, leads the runner-up, {name(second)}, by {best['mean'] - second['mean']:.3f}, "
+                'but these runs give no estimate of the run-to-run noise, so the ranking cannot be told from luck (see the noise model).')
+    basis = f'against the {model.kind} noise and the validation-sample noise'
+    if c.significant: return f'The best configuration, {name(best)}, is ahead of the runner-up, {name(second)}, by more than the noise: {c.interval()}, {basis}.'
+    return (f'The best configuration, {name(best)}, is not distinguishable from the runner-up, {name(second)}: {not_detected(c)}, '
+            f'{basis}. Treat them as equally good, or train both with more seeds (`--repeats`) or confirm them (`beadseg confirm`).')
 
 # %% ../nbs/23_insights.ipynb #dd7dac32
 def collapsed_epochs(history:pd.DataFrame, # A configuration's history.csv
@@ -296,6 +342,28 @@ def test_statement(test:pd.DataFrame|None) -> str:
             f'{f3(b.test_object_f1)}, against the best validation Jaccard {f3(b.best_val_jacard)} that selected it. '
             'Validation scores chose the model; test scores measure it.')
 
+# %% ../nbs/23_insights.ipynb #3d830890
+def rung_noise(results:pd.DataFrame, # The results table
+               first:pd.DataFrame, # Rung 0 of `beadseg.halving.rung_table`: every configuration at the same budget
+              ) -> NoiseModel:
+    "The noise model of rung 0's scores, every configuration after the same epochs, with the factors of `results`."
+    rows = results.drop_duplicates('config_id').set_index('config_id').reindex(first['config_id']).reset_index()
+    return noise_model(first['best_val_jaccard'].astype(float), factor_levels(rows))
+
+def cut_statement(results, first, went, cut, budget) -> str:
+    "Whether the first cut was more than the noise: the best configuration pruned against the last one promoted, at rung 0."
+    gap, lost = went['best_val_jaccard'].min() - cut['best_val_jaccard'].max(), cut['config_id'].iloc[0]
+    c = compare(went['best_val_jaccard'].min(), 1, cut['best_val_jaccard'].max(), 1, model := rung_noise(results, first))
+    if c is None:
+        return (f'After {budget} epochs, {lost} was pruned {f3(gap)} below the last configuration promoted; rung 0 gives no estimate '
+                'of the run-to-run noise, so whether the cut was more than luck cannot be judged.')
+    if not c.significant:
+        return (f'Pruning may have cost the winner: after {budget} epochs, {lost} was pruned only {f3(gap)} below the last configuration '
+                f'promoted, no difference at the 5 % level against the {model.kind} noise of rung 0 (sd {f3(model.sd)}; '
+                f'{c.interval()}); with more epochs it might have overtaken it.')
+    return (f'The first cut was clear: after {budget} epochs every pruned configuration was at least {f3(gap)} below the last one '
+            f'promoted ({c.interval()} against the {model.kind} noise of rung 0), though a slow starter may still have been lost.')
+
 # %% ../nbs/23_insights.ipynb #c3668451
 def pruning_statement(results:pd.DataFrame, # The results table
                       summary:pd.DataFrame, # `beadseg.halving.rung_summary` of the run
@@ -307,15 +375,9 @@ def pruning_statement(results:pd.DataFrame, # The results table
     out = [f'Successive halving trained {trained:,} epochs, {trained / full:.0%} of the {n} x {last} = {full:,} of a full grid.']
     first = table[table['rung'] == 0]
     if first['promoted'].isna().any(): return out[0] + ' Rung 0 has not ended yet: nothing was pruned so far.'
-    promoted, budget, clear = first['promoted'].astype(bool), int(first['budget'].iloc[0]), clear_difference(results)
+    promoted, budget = first['promoted'].astype(bool), int(first['budget'].iloc[0])
     went, cut = first[promoted], first[~promoted & (first['status'] == Status.PAUSED)]  # could have gone on, and did not
-    if len(went) and len(cut):
-        gap = went['best_val_jaccard'].min() - cut['best_val_jaccard'].max()
-        out.append(f"Pruning may have cost the winner: after {budget} epochs, {cut['config_id'].iloc[0]} was pruned only {f3(gap)} "
-                   f"below the last configuration promoted, within the validation noise ({f3(clear)}); with more epochs it "
-                   f"might have overtaken it." if gap < clear else
-                   f"The first cut was clear: after {budget} epochs every pruned configuration was at least {f3(gap)} below the "
-                   f"last one promoted (the validation noise is {f3(clear)}), though a slow starter may still have been lost.")
+    if len(went) and len(cut): out.append(cut_statement(results, first, went, cut, budget))
     sizes = first['config_id'].map(results.set_index('config_id')['batch_size'])
     big, small = sizes.max(), sizes.min()
     if len(went) and big > small:
@@ -325,10 +387,20 @@ def pruning_statement(results:pd.DataFrame, # The results table
                    f'steps than batch {small}, so the first rung may have judged large batches before they had learnt as much; a '
                    f'larger min_epochs would show whether they catch up.' if kept / len(went) < of / len(first) else
                    f'Large batches were not pruned out of proportion: {kept} of the {of} batch-{big} configurations went past rung 0.')
-    return ' '.join(out + [f'The factor tables and effects compare configurations trained for different numbers of epochs (the '
-                           f'pruned ones stopped at their rung); RUN_DIR/rungs.csv compares all of them at rung 0, after {budget} epochs.'])
+    return ' '.join(out + [f'The factor and architecture sentences compare only the configurations that finished (the pruned ones '
+                           f'stopped after fewer epochs); RUN_DIR/rungs.csv compares all of them at rung 0, after {budget} epochs.'])
 
 # %% ../nbs/23_insights.ipynb #420da47b
+def comparisons(results:pd.DataFrame) -> list[str]:
+    "The noise model and the sentences that compare configurations; of a halving search, only over the configurations that finished."
+    pruned = int((results['status'] == Status.PRUNED).sum())
+    basis = results[results['status'] != Status.PRUNED] if pruned else results
+    head = ([f"The comparisons below use only the {status_counts(basis)['scored']} configurations that finished: the {pruned} pruned by "
+             'successive halving stopped after fewer epochs (RUN_DIR/rungs.csv compares all of them at rung 0).'] if pruned else [])
+    if status_counts(basis)['scored'] < 2: return [*head, 'Fewer than two configurations finished: too little data to compare them.']
+    return [*head, noise_statement(basis), distinguishable_statement(basis), factor_statement(basis), batch_statement(basis),
+            architecture_statement(basis), boundary_statement(basis)]
+
 def insights(results:pd.DataFrame, # The results table
              gaps:pd.DataFrame|None=None, # `best_epoch_gaps` of the run, best first
              patience:int|None=None, max_epochs:int|None=None, # The training limits, for the stopping statement
@@ -341,9 +413,7 @@ def insights(results:pd.DataFrame, # The results table
     if c['failed'] + c['diverged']:
         out.append(f"{c['failed'] + c['diverged']} of {c['planned']} configurations ({(c['failed'] + c['diverged']) / c['planned']:.0%}) failed or diverged; see Failures.")
     if c['scored'] < 2: out.append('Only one configuration completed: too little data to compare factors.')
-    else: out += [distinguishable_statement(results), factor_statement(results), batch_statement(results),
-                  architecture_statement(results)]
+    else: out += comparisons(results)
     if collapses is not None and len(collapses): out.insert(0, collapse_statement(collapses, c['scored']))
-    out += [boundary_statement(results)] if c['scored'] >= 2 else []
     if gaps is not None: out.append(overfit_statement(gaps))
     return [*out, stopping_statement(results, patience, max_epochs), *seed_statements(results)]

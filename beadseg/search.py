@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 from .runs import (Status, config_lock, indices_to_run, is_confirmation, is_final, link_or_copy, plan_factors, read_plan,
                           read_result, search_logger, signals_to, write_csv, write_json, write_result)
-from .tables import SCORE, best_so_far, results_table, winning_rows
+from .tables import SCORE, best_so_far, configuration_summary, has_replicates, results_table, winning_rows
 from .halving import is_halving, rung_rounds, rung_table
 
 # %% ../nbs/04_search.ipynb #09f9dc9a
@@ -30,13 +30,17 @@ def link_outputs(run_dir:Path, # A search run folder
 def write_best(run_dir:Path, # A search run folder
                table:pd.DataFrame, # Its ranked `results_table`
               ):
-    "Write best_hyperparameters.json for the best configuration that may win (`winning_rows`), or remove it when there is none."
-    best = winning_rows(table).head(1)
-    if not len(best): (run_dir/'best_hyperparameters.json').unlink(missing_ok=True); return
+    "Write best_hyperparameters.json for the best configuration that may win (`winning_rows`; with replicates the best mean, its best run), or remove it when there is none."
+    wins = winning_rows(table)
+    if not len(wins): (run_dir/'best_hyperparameters.json').unlink(missing_ok=True); return
+    top = configuration_summary(wins).iloc[0]
+    best = wins[wins.config_id == top.best_run] if (replicated := has_replicates(wins)) else wins.head(1)
+    pooled = dict(mean_val_jaccard=float(top['mean']), sd_val_jaccard=float(top['sd']) if top['n'] > 1 else None, n_runs=int(top['n']),
+                  runs=top['runs'].split()) if replicated else {}  # the configuration over its seeds
     result = read_result(run_dir/'configs'/best.config_id.iloc[0])
     write_json(run_dir/'best_hyperparameters.json', dict(
         config_id=best.config_id.iloc[0], **{k: best[k].iloc[0] for k in plan_factors(table)},  # every searched dimension
-        best_val_jaccard=best[SCORE].iloc[0], best_epoch=best.best_epoch.iloc[0],
+        best_val_jaccard=best[SCORE].iloc[0], best_epoch=best.best_epoch.iloc[0], **pooled,
         evaluation={k: v for k, v in (result.get('evaluation') or {}).items() if k != 'per_image'},
         postprocessing=result.get('postprocessing'),  # the threshold and smallest bead `beadseg predict` uses
         configuration=result['config']))
@@ -55,6 +59,7 @@ def collect(run_dir, # A search run folder
         link_outputs(run_dir, done.config_id)
         if final:
             write_csv(run_dir/'search_results_final.csv', table)
+            if has_replicates(table): write_csv(run_dir/'search_results_by_configuration.csv', configuration_summary(table))
             if not is_confirmation(run_dir): write_best(run_dir, table)  # a confirmation's winner: `confirm.write_confirmation`
     return table
 
@@ -68,7 +73,6 @@ def die_with_parent():
     "In a child process: receive SIGTERM when the parent dies (Linux), so a killed driver stops its configurations."
     try: ctypes.CDLL('libc.so.6', use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError: pass
-
 
 # %% ../nbs/04_search.ipynb #efc9dfbf
 def dead_run_one(out_dir:Path, # The configuration's folder

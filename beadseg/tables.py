@@ -4,12 +4,13 @@
 
 # %% auto #0
 __all__ = ['SCORE', 'COLUMNS', 'result_row', 'table_columns', 'is_ranked', 'ranked_rows', 'winning_rows', 'rank_results',
-           'best_so_far', 'unreadable', 'results_table']
+           'best_so_far', 'unreadable', 'results_table', 'configuration_summary', 'has_replicates']
 
 # %% ../nbs/20_tables.ipynb #24d5a335
 from pathlib import Path
 import pandas as pd
 from .config import SPACE_KEYS
+from .noise import REPLICATE
 from .runs import FACTORS, Status, may_rank, may_win, plan_factors, read_plan, read_result
 
 # %% ../nbs/20_tables.ipynb #86a031c3
@@ -71,3 +72,18 @@ def results_table(run_dir) -> pd.DataFrame:
         row = result_row(result) if result else {'status': Status.PENDING, 'error': unreadable(folder)}
         rows.append({**row, **{k: step[k] for k in factors}, 'config_id': step['config_id']})
     return rank_results(pd.DataFrame(rows, columns=table_columns(factors)))
+
+# %% ../nbs/20_tables.ipynb #39655afb
+def configuration_summary(table:pd.DataFrame) -> pd.DataFrame:
+    "One row per configuration of `table`'s ranked rows, its runs differing only in `seed` pooled: its choices, mean, sd and n of its scores, its best run and all its runs; best mean first."
+    ranked = ranked_rows(table).sort_values(SCORE, ascending=False, kind='stable')
+    keys = [k for k in plan_factors(table) if k in table and k != REPLICATE]
+    if not len(ranked): return pd.DataFrame(columns=[*keys, 'mean', 'sd', 'n', 'best_run', 'runs'])
+    groups = ranked.assign(_key=ranked[keys].apply(lambda r: ' | '.join(map(str, r)), axis=1)).groupby('_key', sort=False)
+    summary = groups.agg(**{k: (k, 'first') for k in keys}, mean=(SCORE, 'mean'), sd=(SCORE, 'std'), n=(SCORE, 'size'),
+                         best_run=('config_id', 'first'), runs=('config_id', ' '.join))
+    return summary.sort_values('mean', ascending=False, kind='stable').reset_index(drop=True)
+
+def has_replicates(table:pd.DataFrame) -> bool:
+    "Whether some configuration of `table` has more than one ranked run."
+    return bool((configuration_summary(table)['n'] > 1).any())

@@ -19,10 +19,11 @@ from .predict import evaluate_model
 def earlier_evaluation(folder:Path, # A configuration folder
                        dataset, # The test set
                       ) -> dict|None:
-    "The configuration's evaluation.json if it scored this model on exactly these images of `dataset`, else None."
+    "The configuration's evaluation.json if it scored this model on exactly these images of `dataset` as predict segments, else None."
     path, model = folder/'evaluation.json', folder/'model.keras'
     e = read_json(path)
     if e is None or not model.is_file() or path.stat().st_mtime < model.stat().st_mtime or e.get('dataset') != str(dataset): return None
+    if 'postprocessing' not in e: return None  # scored before evaluate applied the recorded postprocessing, as predict does
     samples, _ = data.match_files(dataset, (read_result(folder) or {}).get('config', {}).get('mask_suffix', ''))
     return e if [r['image'] for r in e.get('per_image', [])] == [s.stem for s in samples] else None
 

@@ -27,6 +27,7 @@ from .losses import get_loss, Jaccard, DiceCoef
 from .models import build_model
 from .metrics import score_predictions
 from .inference import predict_tiled, choose_postprocessing
+from .tensorboard_logs import TensorBoardLog, session_hparams, write_scores
 
 # %% ../nbs/03_train.ipynb #c3a2805f
 def git_commit() -> str:
@@ -332,6 +333,7 @@ def fit_resumably(config:dict, # The configuration
     history = history_frame(out_dir)
     best, nan = KeepBest(out_dir, history), StopOnNaN()
     stopper = ResumableEarlyStopping(config['patience'], history)
+    board = [TensorBoardLog(out_dir, history, session_hparams(config, out_dir))] if config['tensorboard'] else []  # rebuilt to the resume point
     # validation tiles have no known count, so Keras warns at the end of each pass: expected, not a problem
     warnings.filterwarnings('ignore', message='Your input ran out of data')
     last = min(epoch_budget or config['max_epochs'], config['max_epochs'])  # early stopping still counts to max_epochs
@@ -342,7 +344,7 @@ def fit_resumably(config:dict, # The configuration
         model.fit(train_ds, validation_data=val_ds, epochs=last, initial_epoch=initial_epoch, verbose=verbose,
                   steps_per_epoch=math.ceil(len(train_samples) * crops / micro_batch),
                   shuffle=False,  # the pipeline shuffles
-                  callbacks=[epoch_log, nan, best, ResumePoint(out_dir, best), stopper, *callbacks])
+                  callbacks=[epoch_log, nan, best, ResumePoint(out_dir, best), *board, stopper, *callbacks])
     return model.count_params(), best, nan
 
 # %% ../nbs/03_train.ipynb #2b93a565
@@ -448,6 +450,7 @@ def fit_and_score(config:dict, # The configuration, checked
     if nan.nan_epoch is None: term.check()  # stopped by a signal: the epochs are saved; a rerun evaluates
     if best.best_epoch and result['status'] != Status.PAUSED:
         result.update(without_xla_on_failure(lambda c: score_best(c, out_dir, val_samples), config, result))
+        if config['tensorboard']: write_scores(out_dir, result)
 
 def train(config:dict, # A configuration (see `PARAMETERS`)
           out_dir=None, # Output folder; default config['out_dir']

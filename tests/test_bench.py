@@ -10,7 +10,7 @@ CPU_EMPTY = {'peak_gpu_memory_mb', 'error'}  # no GPU memory on a CPU, and no er
 @pytest.fixture(scope='module')
 def beads(tmp_path_factory):
     from beadseg.synthetic import synthesize
-    return synthesize(tmp_path_factory.mktemp('data')/'beads', n_images=6, size=96, seed=2)
+    return synthesize(tmp_path_factory.mktemp('data')/'beads', n_images=6, size=96, seed=2, preset='easy')
 
 
 def test_bench_writes_every_column_with_ratios_from_the_same_run(beads, tmp_path):
@@ -79,7 +79,7 @@ def test_compile_cache_times_the_first_step_without_and_with_a_persistent_cache(
 def test_bench_halving_runs_a_grid_and_halving_on_the_same_space_in_one_run(tmp_path):
     "Two configurations: the grid trains both 2 epochs; halving both 1, then the better one a second (3 epochs in all)."
     from beadseg.synthetic import synthesize
-    beads = synthesize(tmp_path/'beads', n_images=8, size=128, seed=1)
+    beads = synthesize(tmp_path/'beads', n_images=8, size=128, seed=1, preset='easy')
     out = tmp_path/'bench'
     done = run_beadseg('bench', '--halving', '--dataset', beads, '--out', out, '--architectures', 'unet', '--batch-sizes', '4',
                        '--loss-functions', 'dice,focal', '--max-epochs', '2', '--min-epochs', '1', '--patience', '2', '--workers', '1',

@@ -11,10 +11,10 @@ def test_project_settings_hold_the_seed_defaults():
     assert s['data'] == dict(dataset='dataset_shrunk_masks', test_dataset='', mask_suffix='', color='gray', shrink=2, image_size=512,
                              val_split=0.15, seed=42, augment=True)
     assert s['train'] == dict(learning_rate=5e-5, patience=30, max_epochs=200, dropout=0.3, base_filters=64, micro_batch_size=0,
-                              mixed_precision='auto', jit_compile='auto')
+                              mixed_precision='auto', jit_compile='auto', tensorboard=True)
     assert s['search'] == dict(search_type='random', architectures=['unet', 'resunet', 'attention_resunet'],
                                batch_sizes=[8, 16, 32], loss_functions=['focal', 'combined', 'focal_tversky', 'combined_tversky'],
-                               n_random=30, workers=1, timeout=0, retries=2, eta=3, min_epochs=30)
+                               n_random=30, workers=1, timeout=0, retries=2, eta=3, min_epochs=30, repeats=1)
     assert s['pbs'] == dict(queue='', walltime='48:00:00', array_walltime='12:00:00', ncpus=36, ngpus=1, mem='240gb')
     assert s['slurm']['time'] == '48:00:00' and s['slurm']['gres'] == 'gpu:1'
     assert s['cluster'] == dict(modules='', activate='', container='', account='', array_limit=0)
@@ -132,3 +132,12 @@ def test_halving_settings_are_checked_and_an_older_run_gets_their_defaults(tmp_p
     older = tmp_path/'settings.ini'  # a run made before halving existed has neither key
     older.write_text(re.sub(r'^(eta|min_epochs) = .*\n', '', PROJECT_SETTINGS.read_text(), flags=re.M))
     assert (read_settings(older)['search']['eta'], read_settings(older)['search']['min_epochs']) == (3, 30)
+
+
+def test_repeats_are_checked_and_default_to_one(tmp_path):
+    assert load_settings(overrides=dict(repeats='3'))['search']['repeats'] == 3
+    with pytest.raises(SettingsError) as err: load_settings(overrides=dict(repeats='0'))
+    assert str(err.value) == "--repeats = '0': expected a positive integer"
+    older = tmp_path/'settings.ini'  # a run made before repeats existed: each configuration once
+    older.write_text(re.sub(r'^repeats = .*\n', '', PROJECT_SETTINGS.read_text(), flags=re.M))
+    assert read_settings(older)['search']['repeats'] == 1

@@ -18,13 +18,13 @@ def fingerprint(folder):
 
 @pytest.fixture(scope='module')
 def beads(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp('data')/'beads', n_images=12, size=128, seed=0)
+    return synthesize(tmp_path_factory.mktemp('data')/'beads', n_images=12, size=128, seed=0, preset='easy')
 
 
 # ---------------------------------------------------------------- synthetic beads
 
 def test_synthetic_beads_match_the_users_data(tmp_path):
-    out = synthesize(tmp_path/'big', n_images=4, size=512, seed=3)
+    out = synthesize(tmp_path/'big', n_images=4, size=512, seed=3, preset='easy', bead_diameter=23.6)  # the user's bead size
     labels = [tifffile.imread(p) for p in sorted((out/'labels').glob('*.tif'))]
     masks = [tifffile.imread(p) for p in sorted((out/'masks').glob('*.tif'))]
     images = [tifffile.imread(p) for p in sorted((out/'images').glob('*.tif'))]

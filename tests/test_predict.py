@@ -11,7 +11,7 @@ def trained(tmp_path_factory):
     from beadseg.synthetic import synthesize
     from beadseg.train import config_from_settings, train
     root = tmp_path_factory.mktemp('predict')
-    beads = synthesize(root/'beads', n_images=8, size=512, seed=3)
+    beads = synthesize(root/'beads', n_images=8, size=512, seed=3, preset='easy', bead_diameter=23.6)  # the user's beads, idealised
     config = config_from_settings(load_settings(PROJECT_SETTINGS), dataset=str(beads), out_dir=str(root/'run'), image_size=64,
                                   base_filters=8, batch_size=8, learning_rate=1e-3, loss_function='combined', max_epochs=5,
                                   patience=5, val_split=0.25)
@@ -145,7 +145,7 @@ def test_predict_command_outputs_reruns_and_bad_inputs(trained, tmp_path):
     images = val_images(trained)
     (tmp_path/'broken.png').write_bytes(b'\x89PNG not really')
     args = ('predict', run, images[0], str(beads/'images'/'bead_00[01].tif'), tmp_path/'broken.png', tmp_path/'missing.tif',
-            '--out', tmp_path/'out', '--save-prob')
+            '--out', tmp_path/'out', '--save-prob', '--rois', '--geojson')
     first = run_beadseg(*args)  # with the progress bar: the error lines still stand on their own
     assert first.returncode == 1, first.stderr
     assert 'Traceback' not in first.stderr
@@ -154,7 +154,8 @@ def test_predict_command_outputs_reruns_and_bad_inputs(trained, tmp_path):
     assert sorted(errors) == [f"{tmp_path/'broken.png'}: unreadable or corrupt image file", f"{tmp_path/'missing.tif'}: no such file"]
     names = sorted({images[0].stem, 'bead_000', 'bead_001'})
     assert sorted(p.name for p in (tmp_path/'out').iterdir()) == sorted(
-        ['beads.csv', 'counts.csv'] + [f'{n}_{k}' for n in names for k in ('labels.tif', 'mask.tif', 'prob.tif', 'overlay.png')])
+        ['beads.csv', 'counts.csv'] + [f'{n}_{k}' for n in names for k in ('labels.tif', 'mask.tif', 'prob.tif', 'overlay.png', 'rois.zip')]
+        + [f'{n}.geojson' for n in names])
     counts, beads_table = pd.read_csv(tmp_path/'out'/'counts.csv'), pd.read_csv(tmp_path/'out'/'beads.csv')
     assert list(counts.columns) == COUNT_COLUMNS and list(beads_table.columns) == BEAD_COLUMNS
     assert sorted(counts.image) == names and len(beads_table) == counts.bead_count.sum()
@@ -166,6 +167,7 @@ def test_predict_command_outputs_reruns_and_bad_inputs(trained, tmp_path):
         mine = beads_table[beads_table.image == name]
         assert mine.area_px.sum() == (labels > 0).sum() and row.median_area_px == pytest.approx(mine.area_px.median())
         assert tifffile.imread(tmp_path/'out'/f'{name}_prob.tif').dtype == np.float32
+        assert_outlines_are_the_beads(tmp_path/'out', name, labels, mine)
     assert 90 < counts.bead_count.mean() < 130  # about 106 beads per image
     # a rerun skips what is done (the files stay untouched) and still lists every image
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path/'out').glob('*.tif')}
@@ -174,6 +176,25 @@ def test_predict_command_outputs_reruns_and_bad_inputs(trained, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path/'out'/'counts.csv'), counts)
     # nothing is left half-written
     assert not [p for p in (tmp_path/'out').iterdir() if p.name.startswith('.')]
+
+
+def assert_outlines_are_the_beads(out, name, labels, beads):
+    "--rois: one ImageJ ROI per bead, named by its label, that fills (skimage.draw.polygon) to the bead, IoU >= 0.9; --geojson: one QuPath detection per bead, with its beads.csv numbers."
+    import roifile
+    from skimage.draw import polygon
+    rois = roifile.roiread(out/f'{name}_rois.zip')
+    assert [r.name for r in rois] == [str(i) for i in beads.label] == [str(i) for i in np.unique(labels)[1:]]
+    for roi in rois:
+        x, y = roi.coordinates().T  # pixel (x, y) covers x..x+1: its centre, where skimage puts it, is half a pixel on
+        filled, bead = np.zeros(labels.shape, bool), labels == int(roi.name)
+        filled[polygon(y - 0.5, x - 0.5, labels.shape)] = True
+        assert (filled & bead).sum() / (filled | bead).sum() >= 0.9, roi.name
+    collection = json.loads((out/f'{name}.geojson').read_text())
+    assert collection['type'] == 'FeatureCollection' and len(collection['features']) == len(beads)
+    for feature, (_, row) in zip(collection['features'], beads.iterrows()):
+        assert feature['properties']['objectType'] == 'detection' and feature['properties']['name'] == str(row.label)
+        assert feature['geometry']['type'] == 'Polygon'
+        assert feature['properties']['measurements'] == pytest.approx(row.drop(['image', 'label']).astype(float).to_dict())
 
 
 def test_overwrite_predicts_again(trained, tmp_path):
@@ -229,9 +250,10 @@ def test_evaluate_reproduces_the_training_evaluation(trained, tmp_path):
     for sub in ('images', 'masks', 'labels'):
         (tmp_path/'test'/sub).mkdir(parents=True)
         for image in val_images(trained): shutil.copy(beads/sub/image.name, tmp_path/'test'/sub/image.name)
-    out = run_beadseg('evaluate', run, tmp_path/'test', '--out', tmp_path/'eval')
+    out = run_beadseg('evaluate', run, tmp_path/'test', '--out', tmp_path/'eval', '--threshold', '0.5', '--min-size', '0')  # training's
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"beadseg evaluate: {len(val_images(trained))} images: Jaccard ")
+    assert 'threshold 0.5 (given), min size 0 (given)' in out.stdout, out.stdout
     evaluation = json.loads((tmp_path/'eval'/'evaluation.json').read_text())
     for key, value in result['evaluation'].items():
         if key != 'per_image': assert evaluation[key] == pytest.approx(value, abs=1e-9), key
@@ -245,6 +267,41 @@ def test_evaluate_reproduces_the_training_evaluation(trained, tmp_path):
     n_train = len(list((beads/'images').iterdir())) - len(val_images(trained))
     assert in_process('evaluate', run, beads, '--out', tmp_path/'on_training') == (0, [  # its own training set
         f'warning: {n_train} of these {n_train + len(val_images(trained))} images trained this model; its scores on them are optimistic'])
+
+
+def cropped_test_set(trained, folder, side=128):
+    "The validation images, masks and labels cropped to `side` x `side`: a small labelled test set (nine 64 px tiles an image)."
+    _, beads, _ = trained
+    for sub in ('images', 'masks', 'labels'):
+        (folder/sub).mkdir(parents=True)
+        for image in val_images(trained): tifffile.imwrite(folder/sub/image.name, tifffile.imread(beads/sub/image.name)[:side, :side])
+    return folder
+
+
+def test_evaluate_counts_beads_as_predict_does_and_a_confirmation_averages_its_folds(trained, tmp_path):
+    "evaluate applies the postprocessing recorded at training: its predicted counts are predict's; on a confirmation run both average the winner's fold models."
+    from beadseg.predict import evaluate_model, predict
+    run, _, result = trained
+    test, post = cropped_test_set(trained, tmp_path/'test'), result['postprocessing']
+    e = evaluate_model(run, test, tmp_path/'eval')
+    assert (e['threshold'], e['min_size'], e['postprocessing']['threshold_from']) == (post['threshold'], post['min_size'], 'validation images')
+    counts = predict(run, [test/'images'], tmp_path/'pred', progress=False)['counts']
+    assert [r['predicted_count'] for r in e['per_image']] == counts.bead_count.tolist()
+    # a confirmation whose winner has two fold models (here the same trained model, recorded with different choices)
+    conf = tmp_path/'search_confirm'
+    for k, threshold in enumerate((0.3, 0.6)):
+        (conf/'configs'/f'w_fold{k}').mkdir(parents=True)
+        shutil.copy(run/'model.keras', conf/'configs'/f'w_fold{k}')
+        record = json.loads((run/'result.json').read_text())
+        (conf/'configs'/f'w_fold{k}'/'result.json').write_text(json.dumps(dict(record, postprocessing=dict(post, threshold=threshold))))
+    (conf/'confirm.json').write_text('{}')
+    (conf/'best_hyperparameters.json').write_text(json.dumps(dict(config_id='w', model_config_id='w_fold1', fold_model_config_ids=['w_fold0', 'w_fold1'])))
+    e = evaluate_model(conf, test)
+    assert (e['threshold'], len(e['fold_models'])) == (pytest.approx(0.45), 2) and (conf/'evaluation.json').is_file()
+    counts = predict(conf, [test/'images'], tmp_path/'pred_conf', progress=False)['counts']
+    assert [r['predicted_count'] for r in e['per_image']] == counts.bead_count.tolist()
+    assert in_process('evaluate', conf, test, '--fold', 'best', '--out', tmp_path/'best') == (0, [])  # its best fold's model and choice
+    assert json.loads((tmp_path/'best'/'evaluation.json').read_text())['threshold'] == 0.6
 
 
 def test_the_notebook_shows_counts_and_overlays(trained, tmp_path):
@@ -279,14 +336,15 @@ def test_evaluate_top_configurations_of_a_run(trained, tmp_path):
     assert list(table.config_id) == ['bbb', 'aaa'] and list(table.best_val_jacard) == [0.9, 0.8]
     single = json.loads((tmp_path/'run'/'configs'/'bbb'/'evaluation.json').read_text())
     assert table.test_jaccard[0] == pytest.approx(single['jaccard']) and table.n_test_images[0] == 1
-    assert table.test_jaccard_ci_low[0] <= table.test_jaccard[0] <= table.test_jaccard_ci_high[0]
+    assert table[['test_jaccard_ci_low', 'test_jaccard_ci_high']].iloc[0].isna().all()  # one image: no interval, not a zero-width one
     # again: the evaluations are reused, unless the test set changed
     from beadseg.testset import score_top
     stamp = (tmp_path/'run'/'configs'/'bbb'/'evaluation.json').stat().st_mtime_ns
     assert list(score_top(tmp_path/'run', test, 2).test_jaccard) == list(table.test_jaccard)
     assert (tmp_path/'run'/'configs'/'bbb'/'evaluation.json').stat().st_mtime_ns == stamp
     for sub in ('images', 'masks'): shutil.copy(beads/sub/val_images(trained)[1].name, test/sub)
-    assert list(score_top(tmp_path/'run', test, 2).n_test_images) == [2, 2]
+    two = score_top(tmp_path/'run', test, 2)  # two images: a t interval
+    assert list(two.n_test_images) == [2, 2] and (two.test_jaccard_ci_low <= two.test_jaccard).all() and (two.test_jaccard <= two.test_jaccard_ci_high).all()
     (tmp_path/'run'/'search_results_final.csv').unlink()
     status, lines = in_process('evaluate', tmp_path/'run', test, '--top', '2')
     assert status == 2 and lines == [f"beadseg evaluate: error: {tmp_path/'run'/'search_results_final.csv'}: not there; "

@@ -155,12 +155,14 @@ def test_opposite_effects_give_opposite_statements(tmp_path):
     arch_up, arch_down = I.architecture_statement(up), I.architecture_statement(down)
     assert 'Residual connections paid off' in arch_up and 'Attention gates paid off' in arch_up
     assert 'Residual connections did not pay off' in arch_down and 'Attention gates did not pay off' in arch_down
-    assert 'batch size: 32' in I.factor_statement(up) and 'batch size: 8' in I.factor_statement(down)
+    assert '**Batch size** matters' in I.factor_statement(up) and 'best level 32' in I.factor_statement(up)
+    assert 'best level 8' in I.factor_statement(down)
     assert 'batch size 32 is the largest' in I.boundary_statement(up) and 'batch size 8 is the smallest' in I.boundary_statement(down)
-    # the factor that explains most variance follows the data
-    flat = R.load_results(make_run(tmp_path/'loss', grid(lambda a, b, l: 0.6 + (0.1 if l == 'focal' else 0) + 0.0002 * b)))
-    assert I.factor_statement(flat).startswith('**Loss function** explains most')
-    assert I.batch_statement(flat).startswith('Batch size made no clear difference')
+    # which factor matters follows the data; a batch effect smaller than the run-to-run noise is not claimed
+    noise = iter(np.random.default_rng(0).normal(0, 0.02, 18))  # sd 0.02 between runs, as seeds give
+    flat = R.load_results(make_run(tmp_path/'loss', grid(lambda a, b, l: 0.6 + (0.1 if l == 'focal' else 0) + 0.0002 * b + next(noise))))
+    assert I.factor_statement(flat).startswith('**Loss function** matters')
+    assert I.batch_statement(flat).startswith('Batch size 32 against 8: no difference detected at this sample size')
 
 
 def test_overfitting_and_stopping_follow_the_histories(tmp_path):

@@ -78,7 +78,7 @@ def test_search_writes_every_file_and_records_the_failure(search_run):
     final = pd.read_csv(run/'search_results_final.csv')
     assert list(final.config_id) == ids and list(final['rank']) == [1, 2]
     assert list(final.status) == ['completed', 'failed']
-    assert 'is larger than the training set' in final.error[1]
+    assert "batch size 64 is larger than an epoch's" in final.error[1]
     result = json.loads((run/'configs'/ids[0]/'result.json').read_text())
     assert final.best_val_jacard[0] == pytest.approx(result['best_val_jaccard'])
     assert final.object_f1[0] == pytest.approx(result['evaluation']['object_f1'])
@@ -175,7 +175,7 @@ def test_a_test_set_scores_the_top_configurations_and_the_report_of_the_partly_f
         assert report.returncode == 0, report.stderr[-2000:]
         html = (tmp_path/'reports'/f'{run.name}.html').read_text()
         assert 'On the test set (3 images the search never saw)' in html and 'test scores measure it' in html
-        assert '000_unet_bs4_dice' in html and 'is larger than the training set' in html  # the failed configuration, and why
+        assert '000_unet_bs4_dice' in html and 'is larger than an epoch' in html  # the failed configuration, and why
         assert 'val_jaccard_ci_low' in html and 'val_jaccard_ci_high' in html  # the ranked table's interval
         assert (run/'report.ipynb').is_file()
     finally:

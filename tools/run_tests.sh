@@ -34,5 +34,5 @@ echo "(nbdev-test done at ${SECONDS} s)"
 echo "== Debian packages for the Slurm and browser tests (skipped by those tests, with the reason, if this fails)"
 bash tools/ensure_apt.sh chromium=chromium slurmctld=slurm-wlm slurmd=slurm-wlm munged=munge || echo "could not install them: their tests will say skipped"
 echo "== pytest (two processes, one test file each at a time, the heaviest first: see tests/conftest.py)"
-python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
+python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
 echo "(all tests passed in ${SECONDS} s)"
