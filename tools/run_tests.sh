@@ -36,6 +36,6 @@ nbdev-test --n-workers 2 --timing
 echo "(nbdev-test done at ${SECONDS} s)"
 echo "== Debian packages for the Slurm and browser tests (skipped by those tests, with the reason, if this fails)"
 bash tools/ensure_apt.sh chromium=chromium slurmctld=slurm-wlm slurmd=slurm-wlm munged=munge || echo "could not install them: their tests will say skipped"
-echo "== pytest (two processes, one test file each at a time, the heaviest first: see tests/conftest.py)"
-python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 tests
+echo "== pytest (three processes on any number of cores: the tests wait on subprocesses a quarter of the time; one test file each at a time, the heaviest first: see tests/conftest.py)"
+python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=15 tests
 echo "(all tests passed in ${SECONDS} s)"
