@@ -235,7 +235,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                'beadseg/insights.py'),
                                   'beadseg.insights.batch_statement': ('insights.html#batch_statement', 'beadseg/insights.py'),
                                   'beadseg.insights.boundary_statement': ('insights.html#boundary_statement', 'beadseg/insights.py'),
-                                  'beadseg.insights.clear_difference': ('insights.html#clear_difference', 'beadseg/insights.py'),
                                   'beadseg.insights.collapse_statement': ('insights.html#collapse_statement', 'beadseg/insights.py'),
                                   'beadseg.insights.collapsed_epochs': ('insights.html#collapsed_epochs', 'beadseg/insights.py'),
                                   'beadseg.insights.comparisons': ('insights.html#comparisons', 'beadseg/insights.py'),
