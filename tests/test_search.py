@@ -255,8 +255,8 @@ def test_an_image_size_dimension_validates_the_data_at_its_smallest_and_refuses_
 
 # ---- successive halving (nbs/16_halving.ipynb) ----
 
-HALVING = ('--search-type', 'halving', '--min-epochs', '1', '--max-epochs', '2', '--batch-sizes', '4',
-           '--loss-functions', 'dice,combined,focal')  # rungs of 1 and 2 epochs for 3 and 1 configurations
+HALVING = ('--search-type', 'halving', '--min-epochs', '1', '--max-epochs', '3', '--batch-sizes', '4',
+           '--loss-functions', 'dice,combined,focal')  # rungs of 1 and 3 epochs for 3 and 1 configurations
 
 
 def test_halving_dry_run_prints_the_rungs_and_bad_settings_are_one_line(tmp_path):
@@ -309,7 +309,7 @@ def test_halving_trains_rungs_in_order_continues_the_best_and_resumes_at_the_ope
     while time.time() < end and not list(out.glob('*/rungs/rung_0.csv')):  # rung 0 has ended and been decided
         assert driver.poll() is None, driver.communicate()
         time.sleep(0.2)
-    driver.terminate()  # stop the search in rung 1 (or before it starts)
+    driver.terminate()  # stop the search in rung 1 (its finalist stops after epoch 2, or before it starts it; never at 3)
     stopped = driver.communicate(timeout=300)
     assert driver.returncode == 1, stopped  # unfinished: the finalist has not ended rung 1
     run = the_run(out)
@@ -317,19 +317,19 @@ def test_halving_trains_rungs_in_order_continues_the_best_and_resumes_at_the_ope
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert '2 pruned, 1 completed' in done.stdout
     rungs = pd.read_csv(run/'rungs.csv')
-    assert rungs[['rung', 'budget']].values.tolist() == [[0, 1]] * 3 + [[1, 2]]
+    assert rungs[['rung', 'budget']].values.tolist() == [[0, 1]] * 3 + [[1, 3]]
     first, second = rungs[rungs.rung == 0], rungs[rungs.rung == 1]
     assert first.promoted.tolist() == [True, False, False] and (first.epochs == 1).all() and (first.status == 'paused').all()
     assert first.best_val_jaccard.is_monotonic_decreasing  # ranked best first; the best went on
     [winner] = second.config_id
-    assert winner == first.config_id.iloc[0] and second.epochs.tolist() == [2] and second.status.tolist() == ['completed']
+    assert winner == first.config_id.iloc[0] and second.epochs.tolist() == [3] and second.status.tolist() == ['completed']
     final = pd.read_csv(run/'search_results_final.csv').set_index('config_id')
     assert final.status.to_dict() == {winner: 'completed', **{c: 'pruned' for c in first.config_id[1:]}}
-    assert final.epochs_run.to_dict() == {winner: 2, **{c: 1 for c in first.config_id[1:]}}
+    assert final.epochs_run.to_dict() == {winner: 3, **{c: 1 for c in first.config_id[1:]}}
     assert final.val_jaccard[winner] >= 0 and final.val_jaccard.drop(winner).isna().all()  # only the finalist is evaluated
     # the finalist continued from its rung-0 resume point: each epoch trained once, none twice
     epochs = [json.loads(line)['epoch'] for line in (run/'configs'/winner/'state'/'epochs.jsonl').read_text().splitlines()]
-    assert epochs == [1, 2], epochs
+    assert epochs == [1, 2, 3], epochs
     assert json.loads((run/'best_hyperparameters.json').read_text())['config_id'] == winner
     log = (run/'search.log').read_text()
     assert 'start: 4 of 4 rung trainings to run, 2 at a time' in log and 'resume: 1 of 4 rung trainings to run' in log
