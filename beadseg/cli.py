@@ -391,6 +391,7 @@ def add_predict_arguments(parser):
     parser.add_argument('--out', required=True, help='folder for the outputs, counts.csv and beads.csv')
     parser.add_argument('--threshold', type=float, help='probability threshold (default: chosen at training, else 0.5)')
     parser.add_argument('--min-size', type=int, help='smallest bead kept, in pixels (default: chosen at training, else 0)')
+    parser.add_argument('--split-distance', type=int, help='fewest pixels between bead centres cut out of one clump; 0: no splitting (default: chosen at training, else 0)')
     parser.add_argument('--tile-size', type=int, help='tile side, a multiple of 16 (default: the training image_size)')
     parser.add_argument('--overlap', type=int, help='pixels neighbouring tiles share (default: tile size / 4)')
     parser.add_argument('--tta', action='store_true', help='average the 8 flips and rotations (8 times slower)')
@@ -412,13 +413,14 @@ def predict_command(args):
     from beadseg.shapes import write_shapes
     overrides = given(args, 'color', 'shrink')
     log = lambda line: print(line, file=sys.stderr)
-    run = predict(args.model, args.inputs, args.out, args.threshold, args.min_size, tile_size=args.tile_size,
+    run = predict(args.model, args.inputs, args.out, args.threshold, args.min_size, args.split_distance, tile_size=args.tile_size,
                   overlap=args.overlap, tta=args.tta, save_prob=args.save_prob, overwrite=args.overwrite,
                   tiles_per_batch=args.tiles_per_batch, progress=not args.no_progress, log=log, fold=args.fold, **overrides)
     counts, s = run['counts'], run['settings']
     write_shapes(run['out'], counts.image, args.rois, args.geojson)  # outlines of the images done (beadseg.shapes)
     if run['interrupted']: return 130  # Ctrl-C: predict said what it kept
-    print(f"beadseg predict: {len(counts)} images, {int(counts.bead_count.sum())} beads (threshold {s['threshold']}, "
+    print(f"beadseg predict: {len(counts)} images, {int(counts.bead_count.sum())} beads, {int(counts.beads_from_split.sum())} of them "
+          f"cut out of clumps (threshold {s['threshold']}, split distance {s['split_distance']}, "
           f"min size {s['min_size']}, shrink {s['shrink']}, tiles of {s['tile_size']}); results in {run['out']}"
           + (f"; {len(run['failures'])} failed" if run['failures'] else ''))
     return 1 if run['failures'] else 0
@@ -431,6 +433,7 @@ def add_evaluate_arguments(parser):
     parser.add_argument('--top', type=int, help='with a search run folder: score its TOP best configurations into RUN_DIR/test_results.csv')
     parser.add_argument('--threshold', type=float, help='probability threshold (default: chosen at training, as predict; else 0.5)')
     parser.add_argument('--min-size', type=int, help='smallest bead kept, in pixels (default: chosen at training, as predict; else 0)')
+    parser.add_argument('--split-distance', type=int, help='fewest pixels between bead centres cut out of one clump; 0: off (default: as predict)')
     add_fold_argument(parser)
 
 @command('evaluate', 'score a model on a held-out labelled test set', add_evaluate_arguments)
@@ -444,7 +447,7 @@ def evaluate_command(args):
         print(f'beadseg evaluate: test scores of {len(table)} configurations in {Path(args.model)/"test_results.csv"}')
         return
     e = evaluate_model(args.model, args.dataset, args.out, **given(args, 'color', 'shrink', 'mask_suffix'), threshold=args.threshold,
-                       min_size=args.min_size, fold=args.fold, log=lambda line: print(line, file=sys.stderr))
+                       min_size=args.min_size, split_distance=args.split_distance, fold=args.fold, log=lambda line: print(line, file=sys.stderr))
     print(evaluation_lines(e))
 
 # %% ../nbs/11_cli.ipynb #2663128d

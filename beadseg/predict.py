@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['DEFAULTS', 'FOLDS', 'BEAD_COLUMNS', 'COUNT_COLUMNS', 'find_model', 'prediction_settings', 'load_model', 'FoldMean',
            'fold_postprocessing', 'find_models', 'load_models', 'expand_inputs', 'measure', 'summarise_beads',
-           'overlay', 'write_outputs', 'read_for_model', 'check_settings', 'model_and_record', 'made_by',
-           'predict_image', 'output_folder', 'predict', 'seen_in_training', 'score_dataset', 'evaluate_model',
-           'evaluation_lines']
+           'overlay', 'write_outputs', 'read_for_model', 'check_settings', 'model_and_record', 'labels_record',
+           'made_by', 'predict_image', 'output_folder', 'predict', 'seen_in_training', 'score_dataset',
+           'evaluate_model', 'evaluation_lines']
 
 # %% ../nbs/13_predict.ipynb #p001f4ef
 import glob, json, sys
@@ -18,7 +18,7 @@ from skimage.measure import regionprops_table
 from skimage.segmentation import find_boundaries
 from . import data
 from .runs import atomic_write, is_confirmation, read_json, read_result, write_json, write_csv
-from .inference import predict_tiled, segment
+from .inference import predict_tiled, segment, split_beads
 from .metrics import score_predictions
 from .train import predict_images
 
@@ -43,7 +43,7 @@ def find_model(source, # A .keras file, a configuration folder or a search run f
     return model, read_result(folder) or {}
 
 # %% ../nbs/13_predict.ipynb #p0294ef9
-DEFAULTS = dict(color='gray', shrink=0, tile_size=512, threshold=0.5, min_size=0)
+DEFAULTS = dict(color='gray', shrink=0, tile_size=512, threshold=0.5, min_size=0, split_distance=0)
 
 def prediction_settings(result:dict, # A configuration's result.json ({} if none)
                         **overrides, # Values given explicitly (None: not given)
@@ -51,7 +51,7 @@ def prediction_settings(result:dict, # A configuration's result.json ({} if none
     "The reading and postprocessing settings for a model: `overrides`, else its result.json, else `DEFAULTS`."
     config, post = result.get('config') or {}, result.get('postprocessing') or {}
     recorded = dict(color=config.get('color'), shrink=config.get('shrink'), tile_size=config.get('image_size'),
-                    threshold=post.get('threshold'), min_size=post.get('min_size'))
+                    threshold=post.get('threshold'), min_size=post.get('min_size'), split_distance=post.get('split_distance'))
     return {k: next(v for v in (overrides.get(k), recorded[k], DEFAULTS[k]) if v is not None) for k in DEFAULTS}
 
 # %% ../nbs/13_predict.ipynb #p0326a1f
@@ -76,10 +76,11 @@ class FoldMean:
 
 def fold_postprocessing(results:list, # The fold models' result.json
                        ) -> dict|None:
-    "The postprocessing of averaged fold models: the median of the threshold and minimum size each fold chose on its validation images."
+    "The postprocessing of averaged fold models: the median of the threshold, minimum size and split distance each fold chose on its validation images."
     chosen = [r['postprocessing'] for r in results if r.get('postprocessing')]
     if not chosen: return None
     return dict(threshold=float(np.median([p['threshold'] for p in chosen])), min_size=int(np.median([p['min_size'] for p in chosen])),
+                split_distance=int(np.median([p.get('split_distance', 0) for p in chosen])),
                 chosen_on=f"median of {len(chosen)} folds' choices on their validation images")
 
 def find_models(source, # A .keras file, a configuration folder, a search run folder or a confirmation run folder
@@ -121,20 +122,22 @@ def expand_inputs(inputs:list, # Files, folders or glob patterns
     return [p for i, p in enumerate(paths) if p.stem not in stems[:i]], problems
 
 # %% ../nbs/13_predict.ipynb #p03701e8
-BEAD_COLUMNS = ['image', 'label', 'centroid_y', 'centroid_x', 'area_px', 'equivalent_diameter_px', 'eccentricity', 'mean_intensity']
+BEAD_COLUMNS = ['image', 'label', 'centroid_y', 'centroid_x', 'area_px', 'equivalent_diameter_px', 'eccentricity', 'mean_intensity',
+                'from_split']
 COUNT_COLUMNS = ['image', 'height', 'width', 'bead_count', 'foreground_fraction', 'mean_area_px', 'median_area_px',
-                 'mean_diameter_px', 'median_diameter_px']
+                 'mean_diameter_px', 'median_diameter_px', 'beads_from_split']
 
 def measure(labels:np.ndarray, # int (H, W) bead ids
             intensity:np.ndarray, # (H, W) image values
             name:str, # The image's name
+            split=(), # Ids of the beads cut out of clumps (`beadseg.inference.split_beads`)
            ) -> pd.DataFrame:
     "One row per bead of `labels`: `BEAD_COLUMNS`."
     props = regionprops_table(labels, intensity, properties=('label', 'centroid', 'area', 'equivalent_diameter_area',
                                                              'eccentricity', 'intensity_mean'))
     table = pd.DataFrame(props).rename(columns={'centroid-0': 'centroid_y', 'centroid-1': 'centroid_x', 'area': 'area_px',
                                                'equivalent_diameter_area': 'equivalent_diameter_px', 'intensity_mean': 'mean_intensity'})
-    return table.assign(image=name)[BEAD_COLUMNS]
+    return table.assign(image=name, from_split=np.isin(table.label, split))[BEAD_COLUMNS]
 
 def summarise_beads(beads:pd.DataFrame, # `measure`'s rows for one image
                     labels:np.ndarray, name:str) -> dict:
@@ -143,7 +146,8 @@ def summarise_beads(beads:pd.DataFrame, # `measure`'s rows for one image
     stat = lambda f, s: float(f(s)) if len(s) else 0.0
     return dict(image=name, height=labels.shape[0], width=labels.shape[1], bead_count=len(beads),
                 foreground_fraction=float((labels > 0).mean()), mean_area_px=stat(np.mean, a), median_area_px=stat(np.median, a),
-                mean_diameter_px=stat(np.mean, d), median_diameter_px=stat(np.median, d))
+                mean_diameter_px=stat(np.mean, d), median_diameter_px=stat(np.median, d),
+                beads_from_split=int(beads.from_split.sum()))
 
 # %% ../nbs/13_predict.ipynb #p0403746
 def overlay(image:np.ndarray, # float32 (H, W, C) in [0, 1]
@@ -157,6 +161,7 @@ def overlay(image:np.ndarray, # float32 (H, W, C) in [0, 1]
 
 def write_outputs(out:Path, name:str, image:np.ndarray, prob:np.ndarray, labels:np.ndarray, save_prob=False,
                   provenance:dict=None, # The model and settings that made them, kept in the labels file
+                  split=(), # Ids of the beads cut out of clumps, kept in the labels file too
                  ):
     "Write the files of one image to `out` (labels last, recording what made them)."
     if save_prob: atomic_write(out/f'{name}_prob.tif', lambda t: tifffile.imwrite(t, prob.astype(np.float32)))
@@ -164,7 +169,7 @@ def write_outputs(out:Path, name:str, image:np.ndarray, prob:np.ndarray, labels:
     atomic_write(out/f'{name}_overlay.png', lambda t: iio.imwrite(t, overlay(image, labels), extension='.png'))
     dtype = np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32
     atomic_write(out/f'{name}_labels.tif', lambda t: tifffile.imwrite(t, labels.astype(dtype),
-                                                                       description=json.dumps(dict(made_by=provenance))))
+                                                                       description=json.dumps(dict(made_by=provenance, from_split=[int(i) for i in split]))))
 
 # %% ../nbs/13_predict.ipynb #p04207f6
 def read_for_model(path, # Image file
@@ -182,6 +187,8 @@ def check_settings(s:dict, # `prediction_settings`
     "A one-line `ValueError` when the settings cannot work with this model, before any image is read."
     if not 0 < s['threshold'] < 1: raise ValueError(f"threshold {s['threshold']}: must be a probability strictly between 0 and 1")
     if not (isinstance(s['min_size'], int) and s['min_size'] >= 0): raise ValueError(f"min size {s['min_size']}: must be 0 or more pixels")
+    if not (isinstance(s['split_distance'], int) and s['split_distance'] >= 0):
+        raise ValueError(f"split distance {s['split_distance']}: must be 0 (no splitting) or more pixels")
     if s['tile_size'] < 16 or s['tile_size'] % 16: raise ValueError(f"tile size {s['tile_size']}: must be a positive multiple of 16")
     if overlap is not None and not 0 <= overlap <= s['tile_size'] // 2:
         raise ValueError(f"overlap {overlap}: must be between 0 and half the tile size ({s['tile_size'] // 2})")
@@ -202,11 +209,16 @@ def model_and_record(model, # A .keras file, configuration folder or search run 
     files = [f'{p.resolve()} ({p.stat().st_size} bytes, modified {p.stat().st_mtime_ns})' for p in paths]
     return loaded, result, files[0] if len(files) == 1 else f'mean of {len(files)} fold models: ' + '; '.join(files)
 
+def labels_record(labels_file:Path) -> dict:
+    "What `write_outputs` recorded in an existing labels file (`made_by`, `from_split`), or {}."
+    try:
+        with tifffile.TiffFile(labels_file) as tif: return json.loads(tif.pages[0].description)
+    except (OSError, ValueError, TypeError, AttributeError, IndexError): return {}
+
 def made_by(labels_file:Path) -> dict|None:
     "What made an existing labels file (its model and settings, as `write_outputs` records them), or None."
-    try:
-        with tifffile.TiffFile(labels_file) as tif: return json.loads(tif.pages[0].description).get('made_by')
-    except (OSError, ValueError, TypeError, AttributeError, IndexError): return None
+    record = labels_record(labels_file)
+    return record.get('made_by') if isinstance(record, dict) else None
 
 def predict_image(model, # A loaded Keras model
                   path:Path, # The image
@@ -222,11 +234,13 @@ def predict_image(model, # A loaded Keras model
     image, intensity = read_for_model(path, s['color'])
     if not overwrite and made_by(out/f'{name}_labels.tif') == provenance:
         labels = tifffile.imread(out/f'{name}_labels.tif').astype(np.int32)
+        split = labels_record(out/f'{name}_labels.tif').get('from_split', [])
     else:
         prob = predict_tiled(model, image, s['tile_size'], **tiling)
-        labels = segment(prob, s['threshold'], s['shrink'], s['min_size'])
-        write_outputs(out, name, image, prob, labels, save_prob, provenance)
-    table = measure(labels, intensity, name)
+        labels = segment(prob, s['threshold'], s['shrink'], s['min_size'], s['split_distance'])
+        split = split_beads(labels, prob >= s['threshold'])
+        write_outputs(out, name, image, prob, labels, save_prob, provenance, split)
+    table = measure(labels, intensity, name, split)
     return summarise_beads(table, labels, name), table
 
 def output_folder(out) -> Path:
@@ -240,7 +254,7 @@ def output_folder(out) -> Path:
 def predict(model, # A .keras file, configuration folder or search run folder (or a loaded Keras model)
             inputs:list, # Image files, folders or glob patterns
             out, # Output folder
-            threshold:float=None, min_size:int=None, # Postprocessing; default: chosen at training (result.json)
+            threshold:float=None, min_size:int=None, split_distance:int=None, # Postprocessing; default: chosen at training (result.json)
             color:str=None, shrink:int=None, tile_size:int=None, # Reading and tiling; default: as trained (result.json)
             overlap:int=None, # Pixels tiles share; default tile_size // 4
             tta:bool=False, # Average the 8 flips and rotations
@@ -254,7 +268,7 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
     "Segment and count the beads of `inputs` into `out`; returns the counts table, the failures, the settings used and whether Ctrl-C stopped it."
     from tqdm import tqdm  # text: it works in a terminal, a notebook and papermill alike
     model, result, identity = model_and_record(model, log, fold)
-    s = prediction_settings(result, threshold=threshold, min_size=min_size, color=color, shrink=shrink, tile_size=tile_size)
+    s = prediction_settings(result, threshold=threshold, min_size=min_size, split_distance=split_distance, color=color, shrink=shrink, tile_size=tile_size)
     check_settings(s, model.input_shape[-1], overlap)
     out, provenance = output_folder(out), dict(model=identity, **s, overlap=overlap, tta=tta)
     paths, failures = expand_inputs(inputs)
@@ -298,21 +312,21 @@ def score_dataset(model, # A loaded model (or `FoldMean`)
     "The evaluation block of `model` on `samples`, segmented as `predict` segments them (`segment` with the settings `s`)."
     images, masks, objects = data.load_arrays(samples, shrink=s['shrink'], color=s['color'])
     probabilities = predict_images(model, images, s['tile_size'])  # `predict_tiled`, as predict
-    beads = [segment(p, s['threshold'], s['shrink'], s['min_size']) for p in probabilities]
+    beads = [segment(p, s['threshold'], s['shrink'], s['min_size'], s['split_distance']) for p in probabilities]
     return score_predictions(probabilities, masks, objects, [x.stem for x in samples], s['shrink'], s['threshold'], beads)
 
 def evaluate_model(model, # A .keras file, configuration folder, search or confirmation run folder
                    dataset, # A labelled folder: images/, masks/ (and optionally labels/)
                    out=None, # Folder for evaluation.json; default the model's configuration folder (a confirmation: its run folder)
                    color:str=None, shrink:int=None, mask_suffix:str=None, # Default: as trained (result.json)
-                   threshold:float=None, min_size:int=None, # Postprocessing; default: chosen at training (result.json), as `predict`
+                   threshold:float=None, min_size:int=None, split_distance:int=None, # Postprocessing; default: chosen at training (result.json), as `predict`
                    fold:str='mean', # A confirmation run: 'mean' averages its winner's fold models, 'best' takes its best fold's
                    log=print, # Where a warning goes
                   ) -> dict:
     "Score `model` on `dataset` as `predict` segments it; writes evaluation.json and a per-image CSV."
     paths, results, home = find_models(model, fold)
     loaded, result = load_models(paths, results)
-    s = prediction_settings(result, color=color, shrink=shrink, threshold=threshold, min_size=min_size)
+    s = prediction_settings(result, color=color, shrink=shrink, threshold=threshold, min_size=min_size, split_distance=split_distance)
     check_settings(s, loaded.input_shape[-1])
     suffix = mask_suffix if mask_suffix is not None else (result.get('config') or {}).get('mask_suffix', '')
     samples, problems = data.match_files(dataset, suffix)
@@ -324,7 +338,8 @@ def evaluate_model(model, # A .keras file, configuration folder, search or confi
     source = lambda k, given: 'given' if given is not None else recorded.get('chosen_on', 'result.json') if recorded.get(k) is not None else 'default'
     evaluation = dict(score_dataset(loaded, samples, s), model=str(paths[0] if len(paths) == 1 else home), dataset=str(dataset),
                       color=s['color'], shrink=s['shrink'], min_size=s['min_size'],
-                      postprocessing=dict(threshold=s['threshold'], min_size=s['min_size'], threshold_from=source('threshold', threshold),
+                      postprocessing=dict(threshold=s['threshold'], min_size=s['min_size'], split_distance=s['split_distance'],
+                                          threshold_from=source('threshold', threshold),
                                           min_size_from=source('min_size', min_size)),
                       **({'fold_models': [str(p) for p in paths]} if len(paths) > 1 else {}))
     out = Path(out) if out else home
@@ -344,4 +359,5 @@ def evaluation_lines(e:dict, # `evaluate_model`'s result
     return (f"beadseg evaluate: {e['n_images']} images: Jaccard {e['jaccard']:.4f}{ci('jaccard')}, Dice {e['dice']:.4f}{ci('dice')}, "
             f"baseline {e['baseline_jaccard']:.4f}, object F1 {e['object_f1']:.4f}{ci('object_f1')}, count error {e['count_mae']:.2f}; "
             f"written to {e['written_to']}\n  intervals: {e.get('interval', '95 % percentile bootstrap over images')}; "
-            f"threshold {p['threshold']} ({p['threshold_from']}), min size {p['min_size']} ({p['min_size_from']})")
+            f"threshold {p['threshold']} ({p['threshold_from']}), min size {p['min_size']} ({p['min_size_from']}), "
+            f"split distance {p.get('split_distance', 0)}")

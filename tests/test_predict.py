@@ -49,10 +49,12 @@ def test_training_records_the_postprocessing_and_predict_uses_it(trained, tmp_pa
     run, _, result = trained
     post = result['postprocessing']
     assert post['threshold'] in THRESHOLDS and post['min_size'] >= 0 and post['chosen_on'] == 'validation images'
+    assert post['split_distance'] >= 0  # 0: clumps are not split (issue 27)
     # the choice is at least as good as the fixed 0.5 / no minimum the evaluation uses
     assert post['object_f1'] >= result['evaluation']['object_f1'] - 1e-9
     used = predict(run, val_images(trained)[:1], tmp_path, progress=False)['settings']
-    assert used == dict(color='gray', shrink=2, tile_size=64, threshold=post['threshold'], min_size=post['min_size'])
+    assert used == dict(color='gray', shrink=2, tile_size=64, threshold=post['threshold'], min_size=post['min_size'],
+                        split_distance=post['split_distance'])
     assert predict(run, [], tmp_path/'o', threshold=0.9, shrink=0, progress=False)['settings']['threshold'] == 0.9
 
 
