@@ -5,26 +5,48 @@ from beadseg.config import PROJECT_SETTINGS
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 ROOT = Path(__file__).resolve().parent.parent
 
-# Test files run heaviest first, by the seconds each took in the last whole run (tests/durations.json, which that run
-# rewrites). With `--dist loadfile --no-loadscope-reorder` pytest-xdist hands whole files to its workers in this order:
-# long files start first and the short ones even out the end, instead of one worker finishing a long file alone.
+# Tests run in groups, heaviest first, by the seconds each group took in the last whole run (tests/durations.json, which
+# that run rewrites). A group is a test file (its tests share module fixtures), or one notebook of test_notebooks.py.
+# Under `--dist loadfile --no-loadscope-reorder` pytest-xdist hands whole groups to its workers in this order (the
+# scheduler below): long groups start first and the short ones even out the end, instead of one worker finishing a long
+# group alone.
 DURATIONS = Path(__file__).with_name('durations.json')
-measured = collections.Counter()  # seconds per test file in this run (setup, call and teardown of its tests)
+measured = collections.Counter()  # seconds per group in this run (setup, call and teardown of its tests)
+
+
+def group_of(nodeid:str) -> str:
+    "'03_train' for tests/test_notebooks.py::test_notebook_checks_pass[03_train], else the file: 'test_search'."
+    path, _, name = nodeid.partition('::')
+    if name.startswith('test_notebook_checks_pass['): return name[name.index('[') + 1:-1]
+    return Path(path).stem
 
 
 def pytest_collection_modifyitems(items):
     seconds = json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
-    items.sort(key=lambda item: -seconds.get(item.path.stem, 0))  # stable: tests keep their order within a file
+    items.sort(key=lambda item: -seconds.get(group_of(item.nodeid), 0))  # stable: tests keep their order within a group
+
+
+def pytest_xdist_make_scheduler(config, log):
+    "pytest-xdist's file scheduling, by `group_of` (its own `xdist_group` marks do not take with pytest 9)."
+    if config.getvalue('dist') != 'loadfile': return None
+    from xdist.scheduler import LoadScopeScheduling
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid): return group_of(nodeid)
+    return ByGroup(config, log)
 
 
 def pytest_runtest_logreport(report):
-    measured[Path(report.fspath).stem] += report.duration
+    measured[group_of(report.nodeid)] += report.duration
+
+
+def every_group() -> set:
+    from test_notebooks import NOTEBOOKS
+    return {p.stem for p in Path(__file__).parent.glob('test_*.py')} | {nb.stem for nb in NOTEBOOKS}
 
 
 def pytest_sessionfinish(session, exitstatus):
-    "After a whole, passing run (not a worker's share, not a selection): record each file's seconds for the next run's order."
-    files = {p.stem for p in Path(__file__).parent.glob('test_*.py')}
-    if hasattr(session.config, 'workerinput') or exitstatus != 0 or set(measured) != files: return
+    "After a whole, passing run (not a worker's share, not a selection): record each group's seconds for the next run's order."
+    if hasattr(session.config, 'workerinput') or exitstatus != 0 or set(measured) != every_group(): return
     DURATIONS.write_text(json.dumps({k: round(v) for k, v in sorted(measured.items(), key=lambda kv: -kv[1])}, indent=1) + '\n')
 
 

@@ -31,11 +31,9 @@ check_unchanged nbdev-clean nbdev-clean
 check_unchanged "README.md from nbs/index.ipynb" \
   jupyter nbconvert --to markdown nbs/index.ipynb --output-dir . --output README --log-level WARN
 
-echo "== nbdev-test (every notebook under nbs/)"
-nbdev-test --n-workers 2 --timing
-echo "(nbdev-test done at ${SECONDS} s)"
 echo "== Debian packages for the Slurm and browser tests (skipped by those tests, with the reason, if this fails)"
 bash tools/ensure_apt.sh chromium=chromium slurmctld=slurm-wlm slurmd=slurm-wlm munged=munge || echo "could not install them: their tests will say skipped"
-echo "== pytest (three processes on any number of cores: the tests wait on subprocesses a quarter of the time; one test file each at a time, the heaviest first: see tests/conftest.py)"
+echo "== pytest: the tests and every notebook's checks (tests/test_notebooks.py runs nbdev-test on each), in three processes on"
+echo "   any number of cores (they wait on subprocesses a quarter of the time); whole files and single notebooks, the heaviest"
+echo "   first (see tests/conftest.py)"
 python -m pytest -q -n 3 --dist loadfile --no-loadscope-reorder --durations=15 tests
-echo "(all tests passed in ${SECONDS} s)"
