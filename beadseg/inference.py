@@ -143,7 +143,7 @@ def choose_postprocessing(probabilities:list, # Per image: (H, W) foreground pro
                           objects:list, # Per image: ground-truth instance labels at full bead size
                           shrink:int=0, # Pixels predicted beads are grown back by
                          ) -> dict:
-    "The threshold, minimum bead size and split distance maximising object F1 (ties: Jaccard) on these images, with their scores."
+    "The threshold, minimum bead size and split distance maximising object F1 (ties: Jaccard) on these images, with the object scores and bead counts of the segmentation they make there."
     area, diameter = median_bead(objects)
     sizes = sorted({int(round(f * area)) for f in MIN_SIZE_FRACTIONS})
     distances = sorted({int(round(f * diameter)) for f in SPLIT_FRACTIONS})
@@ -155,8 +155,9 @@ def choose_postprocessing(probabilities:list, # Per image: (H, W) foreground pro
             beads = [segment(p, t, shrink, 0, d) for p in probabilities]
             for size in sizes:
                 matches = [match_objects(o, drop_small(b, size)) for o, b in zip(objects, beads)]
-                f1 = object_scores(*(sum(m[k] for m in matches) for k in ('tp', 'n_true', 'n_pred')))['object_f1']
-                rows.append(dict(threshold=t, min_size=size, split_distance=d, object_f1=f1, jaccard=inter / union if union else 1.0))
+                tp, n_true, n_pred = (sum(m[k] for m in matches) for k in ('tp', 'n_true', 'n_pred'))
+                rows.append(dict(threshold=t, min_size=size, split_distance=d, **object_scores(tp, n_true, n_pred),
+                                 true_beads=n_true, found_beads=n_pred, jaccard=inter / union if union else 1.0))
     best = max(rows, key=lambda r: (round(r['object_f1'], 9), round(r['jaccard'], 9), -abs(r['threshold'] - 0.5),
                                     r['split_distance'] == 0, r['split_distance'], -r['min_size']))
     return dict(best, chosen_on='validation images', candidates=len(rows))
