@@ -11,8 +11,8 @@ __all__ = ['COMMANDS', 'MAX_SYNTH_SIZE', 'BENCH_DEFAULTS', 'QuietImport', 'Quiet
            'add_confirm_arguments', 'confirm_command', 'add_submit_arguments', 'submit_command', 'add_report_arguments',
            'report_command', 'add_model_argument', 'given', 'add_predict_arguments', 'add_fold_argument',
            'predict_command', 'add_evaluate_arguments', 'evaluate_command', 'add_synth_arguments', 'synth_command',
-           'validate_command', 'add_demo_arguments', 'demo_command', 'add_bench_arguments', 'bench_command',
-           'halving_bench_command', 'pipeline_command', 'compile_command']
+           'validate_command', 'view_command', 'add_demo_arguments', 'demo_command', 'add_bench_arguments',
+           'bench_command', 'halving_bench_command', 'pipeline_command', 'compile_command']
 
 # %% ../nbs/11_cli.ipynb #f20c4bb7
 import argparse, importlib.abc, importlib.util, os, shlex, sys, tempfile
@@ -484,6 +484,18 @@ def validate_command(args):
     print(report.table())
     for line in [f'warning: {w}' for w in report.warnings] + [f'error: {e}' for e in report.errors]: print(line)
     return 0 if report.ok else 1
+
+# %% ../nbs/11_cli.ipynb #d381d971
+@command('view', "open a predictions folder in napari: each image, its beads as labels, beads.csv as their features (extra: beadseg[napari])",
+         lambda p: p.add_argument('folder', metavar='PREDICTIONS_DIR', help='a folder beadseg predict wrote'))
+def view_command(args):
+    "Open PREDICTIONS_DIR in napari's viewer and wait until it is closed."
+    from beadseg.viewer import get_reader
+    if get_reader(args.folder) is None: raise ValueError(f'{args.folder}: no <name>_labels.tif here; give a folder beadseg predict wrote')
+    try: import napari
+    except ImportError: raise ValueError('napari is not installed: pip install "beadseg[napari]"') from None
+    napari.Viewer().open(args.folder, plugin='beadseg')
+    napari.run()
 
 # %% ../nbs/11_cli.ipynb #0467f223
 def add_demo_arguments(parser):

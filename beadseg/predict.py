@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['DEFAULTS', 'FOLDS', 'BEAD_COLUMNS', 'COUNT_COLUMNS', 'find_model', 'prediction_settings', 'load_model', 'FoldMean',
            'fold_postprocessing', 'find_models', 'load_models', 'expand_inputs', 'measure', 'summarise_beads',
-           'overlay', 'write_outputs', 'read_for_model', 'check_settings', 'model_and_record', 'labels_record',
-           'made_by', 'predict_image', 'output_folder', 'predict', 'seen_in_training', 'score_dataset',
-           'evaluate_model', 'evaluation_lines']
+           'overlay', 'write_outputs', 'read_for_model', 'check_settings', 'model_and_record', 'made_by',
+           'predict_image', 'output_folder', 'predict', 'seen_in_training', 'score_dataset', 'evaluate_model',
+           'evaluation_lines']
 
 # %% ../nbs/13_predict.ipynb #p001f4ef
 import glob, json, sys
@@ -162,6 +162,7 @@ def overlay(image:np.ndarray, # float32 (H, W, C) in [0, 1]
 def write_outputs(out:Path, name:str, image:np.ndarray, prob:np.ndarray, labels:np.ndarray, save_prob=False,
                   provenance:dict=None, # The model and settings that made them, kept in the labels file
                   split=(), # Ids of the beads cut out of clumps, kept in the labels file too
+                  source=None, # The image file they were predicted from, kept in the labels file too (viewers open it beside them)
                  ):
     "Write the files of one image to `out` (labels last, recording what made them)."
     if save_prob: atomic_write(out/f'{name}_prob.tif', lambda t: tifffile.imwrite(t, prob.astype(np.float32)))
@@ -169,7 +170,8 @@ def write_outputs(out:Path, name:str, image:np.ndarray, prob:np.ndarray, labels:
     atomic_write(out/f'{name}_overlay.png', lambda t: iio.imwrite(t, overlay(image, labels), extension='.png'))
     dtype = np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32
     atomic_write(out/f'{name}_labels.tif', lambda t: tifffile.imwrite(t, labels.astype(dtype),
-                                                                       description=json.dumps(dict(made_by=provenance, from_split=[int(i) for i in split]))))
+                                                                       description=json.dumps(dict(made_by=provenance, from_split=[int(i) for i in split],
+                                                                                   image=source and str(Path(source).resolve())))))
 
 # %% ../nbs/13_predict.ipynb #p04207f6
 def read_for_model(path, # Image file
@@ -209,16 +211,9 @@ def model_and_record(model, # A .keras file, configuration folder or search run 
     files = [f'{p.resolve()} ({p.stat().st_size} bytes, modified {p.stat().st_mtime_ns})' for p in paths]
     return loaded, result, files[0] if len(files) == 1 else f'mean of {len(files)} fold models: ' + '; '.join(files)
 
-def labels_record(labels_file:Path) -> dict:
-    "What `write_outputs` recorded in an existing labels file (`made_by`, `from_split`), or {}."
-    try:
-        with tifffile.TiffFile(labels_file) as tif: return json.loads(tif.pages[0].description)
-    except (OSError, ValueError, TypeError, AttributeError, IndexError): return {}
-
 def made_by(labels_file:Path) -> dict|None:
     "What made an existing labels file (its model and settings, as `write_outputs` records them), or None."
-    record = labels_record(labels_file)
-    return record.get('made_by') if isinstance(record, dict) else None
+    return data.tiff_record(labels_file).get('made_by')  # `write_outputs` records made_by, from_split and image
 
 def predict_image(model, # A loaded Keras model
                   path:Path, # The image
@@ -234,12 +229,12 @@ def predict_image(model, # A loaded Keras model
     image, intensity = read_for_model(path, s['color'])
     if not overwrite and made_by(out/f'{name}_labels.tif') == provenance:
         labels = tifffile.imread(out/f'{name}_labels.tif').astype(np.int32)
-        split = labels_record(out/f'{name}_labels.tif').get('from_split', [])
+        split = data.tiff_record(out/f'{name}_labels.tif').get('from_split', [])
     else:
         prob = predict_tiled(model, image, s['tile_size'], **tiling)
         labels = segment(prob, s['threshold'], s['shrink'], s['min_size'], s['split_distance'])
         split = split_beads(labels, prob >= s['threshold'])
-        write_outputs(out, name, image, prob, labels, save_prob, provenance, split)
+        write_outputs(out, name, image, prob, labels, save_prob, provenance, split, path)
     table = measure(labels, intensity, name, split)
     return summarise_beads(table, labels, name), table
 

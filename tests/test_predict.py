@@ -178,6 +178,27 @@ def test_predict_command_outputs_reruns_and_bad_inputs(trained, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path/'out'/'counts.csv'), counts)
     # nothing is left half-written
     assert not [p for p in (tmp_path/'out').iterdir() if p.name.startswith('.')]
+    assert_napari_opens(tmp_path/'out', {images[0].stem: images[0], 'bead_000': beads/'images'/'bead_000.tif',
+                                         'bead_001': beads/'images'/'bead_001.tif'}, beads_table)
+
+
+def assert_napari_opens(out, sources, beads):
+    "napari (headless: its ViewerModel, no window) opens predict's folder through beadseg's reader, found by npe2 as a user's napari finds it."
+    from napari.components import ViewerModel
+    from npe2 import PluginManager
+    PluginManager.instance().discover()  # what napari does when it starts (the napari.manifest entry point)
+    viewer = ViewerModel()
+    viewer.open(str(out), plugin='beadseg')
+    layers = {layer.name: layer for layer in viewer.layers}
+    assert sorted(layers) == sorted([name for name in sources] + [f'{name} beads' for name in sources])
+    for name, source in sources.items():
+        np.testing.assert_array_equal(layers[name].data, tifffile.imread(source))
+        labels = layers[f'{name} beads']
+        assert type(labels).__name__ == 'Labels'
+        np.testing.assert_array_equal(labels.data, tifffile.imread(out/f'{name}_labels.tif'))
+        mine = beads[beads.image == name].sort_values('label')
+        assert list(labels.features.label) == list(mine.label) == list(np.unique(labels.data)[1:])
+        assert list(labels.features.area_px) == list(mine.area_px)
 
 
 def assert_outlines_are_the_beads(out, name, labels, beads):
