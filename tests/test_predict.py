@@ -384,7 +384,8 @@ def test_outputs_record_what_made_them_and_ctrl_c_keeps_the_tables_of_the_images
     for k in range(12): shutil.copy(beads/'images'/'bead_000.tif', tmp_path/'in'/f'copy_{k:02d}.tif')
     out = tmp_path/'out'
     driver = subprocess.Popen([str(Path(sys.executable).parent/'beadseg'), 'predict', str(run), str(tmp_path/'in'), '--out', str(out),
-                               '--tta', '--no-progress'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               '--tta', '--no-progress'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal starts it (a test run in the background ignores SIGINT, and so would its children)
     deadline = time.time() + 120
     while driver.poll() is None and len(list(out.glob('*_labels.tif'))) < 2 and time.time() < deadline: time.sleep(0.05)
     driver.send_signal(signal.SIGINT)  # during the second image or the third: the first is counted
