@@ -317,14 +317,16 @@ def collapsed_epochs(history:pd.DataFrame, # A configuration's history.csv
 
 def collapse_statement(collapses:pd.DataFrame, # `validation_collapses` of the run
                        n_scored:int, # Scored configurations
-                      ) -> str:
-    "The insight on validation collapses (an empty string when there were none)."
-    if collapses.empty: return ''
-    c = collapses.iloc[0]
-    return (f'**Validation collapsed** in {len(collapses)} of {n_scored} configurations: in {c.config_id}, validation Jaccard fell '
-            f'from {f3(c.best_before)} to {f3(c.lowest)} (epoch {c.epochs[0]}) while training Jaccard stayed at {f3(c.train_then)}. '
-            'Their scores understate what they learnt. The likely cause is BatchNorm statistics lagging the weights when an '
-            'epoch has few optimizer steps; lower the learning rate, use smaller batches or more images.')
+                      ) -> tuple[str, str]:
+    "(the warning on collapses that lasted, the note on dips validation recovered from); each '' when there were none."
+    lasting, recovered = collapses[~collapses.recovered.astype(bool)], collapses[collapses.recovered.astype(bool)]
+    fell = lambda c: f'in {c.config_id}, validation Jaccard fell from {f3(c.best_before)} to {f3(c.lowest)} (epoch {c.epochs[0]}) while training Jaccard stayed at {f3(c.train_then)}'
+    cause = 'The likely cause is BatchNorm statistics lagging the weights when an epoch has few optimizer steps'
+    warning = (f'**Validation collapsed** in {len(lasting)} of {n_scored} configurations and did not recover: {fell(lasting.iloc[0])}. '
+               f'Their scores understate what they learnt. {cause}; lower the learning rate, use smaller batches or more images.') if len(lasting) else ''
+    note = (f'Validation dipped and recovered in {len(recovered)} of {n_scored} configurations ({fell(recovered.iloc[0])}, then rose above '
+            f'its earlier best): their best epochs came later, so their scores stand. {cause}.') if len(recovered) else ''
+    return warning, note
 
 # %% ../nbs/23_insights.ipynb #74c8bb07
 def test_statement(test:pd.DataFrame|None) -> str:
@@ -410,6 +412,8 @@ def insights(results:pd.DataFrame, # The results table
         out.append(f"{c['failed'] + c['diverged']} of {c['planned']} configurations ({(c['failed'] + c['diverged']) / c['planned']:.0%}) failed or diverged; see Failures.")
     if c['scored'] < 2: out.append('Only one configuration completed: too little data to compare factors.')
     else: out += comparisons(results)
-    if collapses is not None and len(collapses): out.insert(0, collapse_statement(collapses, c['scored']))
+    warning, note = collapse_statement(collapses, c['scored']) if collapses is not None and len(collapses) else ('', '')
+    if warning: out.insert(0, warning)
     if gaps is not None: out.append(overfit_statement(gaps))
+    if note: out.append(note)
     return [*out, stopping_statement(results, patience, max_epochs), *seed_statements(results)]

@@ -157,7 +157,7 @@ def training_limits(run:Run) -> dict:
 
 # %% ../nbs/06_report.ipynb #95ac8408
 def validation_collapses(run:Run) -> pd.DataFrame:
-    "The scored configurations with collapsed epochs: config_id, epochs, and the validation Jaccard at its best and its lowest after."
+    "The scored configurations with collapsed epochs: config_id, epochs, the validation Jaccard at its best before and its lowest after, and whether it later rose above that best."
     rows = []
     for cid in scored(run.results)['config_id']:
         h = run.history(cid)
@@ -165,7 +165,8 @@ def validation_collapses(run:Run) -> pd.DataFrame:
             after = h[h['epoch'] >= epochs[0]]
             rows.append(dict(config_id=cid, epochs=epochs, best_before=float(h['val_jaccard'][h['epoch'] < epochs[0]].max()),
                              lowest=float(after['val_jaccard'].min()), train_then=float(after['jaccard'].iloc[0])))
-    return pd.DataFrame(rows, columns=['config_id', 'epochs', 'best_before', 'lowest', 'train_then'])
+            rows[-1]['recovered'] = bool(h['val_jaccard'][h['epoch'] > epochs[-1]].max() > rows[-1]['best_before'])  # max of none: NaN, False
+    return pd.DataFrame(rows, columns=['config_id', 'epochs', 'best_before', 'lowest', 'train_then', 'recovered'])
 
 # %% ../nbs/06_report.ipynb #c3668451
 def halving_view(run:Run) -> tuple|None:
