@@ -90,6 +90,7 @@ def factor_effects(results:pd.DataFrame) -> pd.DataFrame:
         rows.append(dict(factor=f, levels=len(means), df=t.df, F=t.F, p=t.p, eta_squared=t.eta_squared, spread=means.iloc[0] - means.iloc[-1],
                          best=means.index[0], best_mean=means.iloc[0], runner_up=means.index[1], lead=means.iloc[0] - means.iloc[1]))
     table = pd.DataFrame(rows, columns=['factor', 'levels', 'df', 'F', 'p', 'eta_squared', 'spread', 'best', 'best_mean', 'runner_up', 'lead'])
+    table['df'] = table['df'].astype('Int64')  # degrees of freedom are counts
     return table.sort_values(['eta_squared', 'spread'], ascending=False, na_position='last').set_index('factor')
 
 # %% ../nbs/23_insights.ipynb #42b73254

@@ -248,11 +248,13 @@ def plot_gaps(gaps:pd.DataFrame) -> plt.Figure:
     return fig
 
 def plot_compute(results:pd.DataFrame) -> plt.Figure:
-    "Best validation Jaccard against training time."
-    s = scored(results).assign(hours=lambda d: pd.to_numeric(d['train_seconds'], errors='coerce') / 3600)
+    "Best validation Jaccard against training time, in hours, minutes or seconds as the longest run suits."
+    seconds = pd.to_numeric(scored(results)['train_seconds'], errors='coerce')
+    unit, scale = ('h', 3600) if seconds.max() >= 7200 else ('min', 60) if seconds.max() >= 120 else ('s', 1)
+    s = scored(results).assign(time=seconds / scale)
     fig, ax = plt.subplots(figsize=(5.5, 3))
-    sns.scatterplot(s, x='hours', y=SCORE, hue='architecture', style='loss_function', ax=ax)
-    ax.set(xlabel='training time (h)', ylabel='best val Jaccard')
+    sns.scatterplot(s, x='time', y=SCORE, hue='architecture', style='loss_function', ax=ax)
+    ax.set(xlabel=f'training time ({unit})', ylabel='best val Jaccard')
     ax.legend(fontsize=6, bbox_to_anchor=(1.02, 1), loc='upper left'); fig.tight_layout()
     return fig
 
