@@ -115,6 +115,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'beadseg.config.matching': ('config.html#matching', 'beadseg/config.py'),
                                 'beadseg.config.number': ('config.html#number', 'beadseg/config.py'),
                                 'beadseg.config.one_of': ('config.html#one_of', 'beadseg/config.py'),
+                                'beadseg.config.optional': ('config.html#optional', 'beadseg/config.py'),
                                 'beadseg.config.parse_bounds': ('config.html#parse_bounds', 'beadseg/config.py'),
                                 'beadseg.config.parse_dimension': ('config.html#parse_dimension', 'beadseg/config.py'),
                                 'beadseg.config.parse_value': ('config.html#parse_value', 'beadseg/config.py'),

@@ -81,7 +81,7 @@ def bench_config(config:dict, # A training configuration (`config_from_settings`
     samples = samples[:len(samples) // B * B]
     keras.utils.set_random_seed(config['seed'])  # not `seed_everything`: its deterministic ops would turn XLA off on a CPU
     ds = pipeline.make_dataset(samples, config['image_size'], B, training=True, augment=config['augment'], seed=config['seed'],
-                           shrink=config['shrink'], color=config['color']).repeat()
+                           shrink=config['shrink'], color=config['color'], channel=config['channel']).repeat()
     if tf.config.list_physical_devices('GPU'): tf.config.experimental.reset_memory_stats('GPU:0')
     started = time.perf_counter()
     model, _ = build_or_resume(config, Path(tempfile.mkdtemp()), ds.element_spec[0].shape[-1])
@@ -159,7 +159,7 @@ def run_bench(settings:dict, # As `load_settings` returns
     with tempfile.TemporaryDirectory() as tmp:
         folder, described = bench_dataset(settings, image_size, max(batch_sizes), tmp)
         started = time.perf_counter()
-        report = data.check_dataset(folder, image_size, d['mask_suffix'], d['color'])
+        report = data.check_dataset(folder, image_size, d['mask_suffix'], d['color'], d['channel'])
         validation_s = time.perf_counter() - started
         kernel_s = kernel_start_seconds() if overhead else math.nan
         for i, config in enumerate(configs, 1):

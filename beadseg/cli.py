@@ -229,7 +229,7 @@ def dataset_ready(settings:dict, # The merged settings
                              f'synthetic beads there first (or run `beadseg demo`)')
         print(f'beadseg: generating synthetic beads in {folder}', flush=True)
         synthesize(folder, shrink=d['shrink'], seed=d['seed'])
-    return data.check_dataset(folder, d['image_size'], d['mask_suffix'], d['color'])
+    return data.check_dataset(folder, d['image_size'], d['mask_suffix'], d['color'], d['channel'])
 
 def summarise(table) -> str:
     from beadseg.tables import SCORE, winning_rows
@@ -411,7 +411,7 @@ def predict_command(args):
     "Predict the inputs into --out; 1 if any input failed."
     from beadseg.predict import predict
     from beadseg.shapes import write_shapes
-    overrides = given(args, 'color', 'shrink')
+    overrides = given(args, 'color', 'channel', 'shrink')
     log = lambda line: print(line, file=sys.stderr)
     run = predict(args.model, args.inputs, args.out, args.threshold, args.min_size, args.split_distance, tile_size=args.tile_size,
                   overlap=args.overlap, tta=args.tta, save_prob=args.save_prob, overwrite=args.overwrite,
@@ -446,7 +446,7 @@ def evaluate_command(args):
         print(table[['config_id', 'best_val_jacard', 'test_jaccard', 'test_object_f1', 'test_count_mae']].to_string(index=False))
         print(f'beadseg evaluate: test scores of {len(table)} configurations in {Path(args.model)/"test_results.csv"}')
         return
-    e = evaluate_model(args.model, args.dataset, args.out, **given(args, 'color', 'shrink', 'mask_suffix'), threshold=args.threshold,
+    e = evaluate_model(args.model, args.dataset, args.out, **given(args, 'color', 'channel', 'shrink', 'mask_suffix'), threshold=args.threshold,
                        min_size=args.min_size, split_distance=args.split_distance, fold=args.fold, log=lambda line: print(line, file=sys.stderr))
     print(evaluation_lines(e))
 
@@ -457,8 +457,7 @@ def add_synth_arguments(parser):
     parser.add_argument('--n-images', type=int, default=40, help='number of images (default 40)')
     parser.add_argument('--size', type=int, default=512, help='image side in pixels (default 512)')
     parser.add_argument('--preset', default='realistic', choices=('easy', 'realistic', 'hard'), help='how realistic the beads are (default realistic)')
-    parser.add_argument('--bead-diameter', type=float, help='mean bead diameter in pixels, or in um with --pixel-size (default 12 px)')
-    parser.add_argument('--pixel-size', type=float, help='micrometres per pixel (then --bead-diameter is in um)')
+    parser.add_argument('--bead-diameter', type=float, help='mean bead diameter in pixels, or in um with --pixel-size, the settings flag (default 12 px)')
 
 MAX_SYNTH_SIZE = 8192  # 64 MiB a float image; beyond that memory, not beads, is what a test exercises
 
@@ -470,7 +469,8 @@ def synth_command(args):
     s = settings_from_args(args)['data']
     if not 16 <= args.size <= MAX_SYNTH_SIZE: raise ValueError(f'--size {args.size}: give a side from 16 to {MAX_SYNTH_SIZE} pixels')
     if args.n_images < 2: raise ValueError(f'--n-images {args.n_images}: a dataset needs at least 2 images')
-    out = synthesize(args.out, args.n_images, args.size, s['seed'], s['shrink'], args.preset, args.bead_diameter, args.pixel_size)
+    out = synthesize(args.out, args.n_images, args.size, s['seed'], s['shrink'], args.preset, args.bead_diameter,
+                     given(args, 'pixel_size').get('pixel_size'))  # the flag only: [data] pixel_size describes the user's images
     print(validate_dataset(out, args.size).table())
 
 # %% ../nbs/11_cli.ipynb #42b0bec3
@@ -480,7 +480,7 @@ def validate_command(args):
     "Print the dataset's summary, warnings and errors; 1 when it is not usable."
     from beadseg.data import validate_dataset
     s = settings_from_args(args)['data']
-    report = validate_dataset(args.folder or s['dataset'], s['image_size'], s['mask_suffix'], s['color'])
+    report = validate_dataset(args.folder or s['dataset'], s['image_size'], s['mask_suffix'], s['color'], s['channel'])
     print(report.table())
     for line in [f'warning: {w}' for w in report.warnings] + [f'error: {e}' for e in report.errors]: print(line)
     return 0 if report.ok else 1

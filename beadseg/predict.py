@@ -43,16 +43,16 @@ def find_model(source, # A .keras file, a configuration folder or a search run f
     return model, read_result(folder) or {}
 
 # %% ../nbs/13_predict.ipynb #p0294ef9
-DEFAULTS = dict(color='gray', shrink=0, tile_size=512, threshold=0.5, min_size=0, split_distance=0)
+DEFAULTS = dict(color='gray', channel=None, shrink=0, tile_size=512, threshold=0.5, min_size=0, split_distance=0)
 
 def prediction_settings(result:dict, # A configuration's result.json ({} if none)
                         **overrides, # Values given explicitly (None: not given)
                        ) -> dict:
     "The reading and postprocessing settings for a model: `overrides`, else its result.json, else `DEFAULTS`."
     config, post = result.get('config') or {}, result.get('postprocessing') or {}
-    recorded = dict(color=config.get('color'), shrink=config.get('shrink'), tile_size=config.get('image_size'),
+    recorded = dict(color=config.get('color'), channel=config.get('channel'), shrink=config.get('shrink'), tile_size=config.get('image_size'),
                     threshold=post.get('threshold'), min_size=post.get('min_size'), split_distance=post.get('split_distance'))
-    return {k: next(v for v in (overrides.get(k), recorded[k], DEFAULTS[k]) if v is not None) for k in DEFAULTS}
+    return {k: next((v for v in (overrides.get(k), recorded[k]) if v is not None), DEFAULTS[k]) for k in DEFAULTS}
 
 # %% ../nbs/13_predict.ipynb #p0326a1f
 def load_model(path, # A .keras file saved by training
@@ -176,9 +176,12 @@ def write_outputs(out:Path, name:str, image:np.ndarray, prob:np.ndarray, labels:
 # %% ../nbs/13_predict.ipynb #p04207f6
 def read_for_model(path, # Image file
                    color:str='gray', # How the model's training read images
+                   channel:int=None, # The plane of a stack it read, see `data.one_plane`
                   ) -> tuple:
     "(normalised float32 (H, W, C) model input, (H, W) intensities as stored) of the image in `path`."
-    try: pixels = data.as_channels(data.read_pixels(path), color)
+    try:
+        planes, axes = data.read_planes(path)
+        pixels = data.as_channels(planes, color, channel, axes)
     except ValueError as err: raise data.named(path, err) from None
     return data.normalise(pixels), pixels.mean(-1)
 
@@ -226,7 +229,7 @@ def predict_image(model, # A loaded Keras model
                  ) -> tuple:
     "(its `counts.csv` row, its `beads.csv` rows): labels that the same model and settings made are reused unless `overwrite`."
     name = path.stem
-    image, intensity = read_for_model(path, s['color'])
+    image, intensity = read_for_model(path, s['color'], s['channel'])
     if not overwrite and made_by(out/f'{name}_labels.tif') == provenance:
         labels = tifffile.imread(out/f'{name}_labels.tif').astype(np.int32)
         split = data.tiff_record(out/f'{name}_labels.tif').get('from_split', [])
@@ -250,7 +253,7 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
             inputs:list, # Image files, folders or glob patterns
             out, # Output folder
             threshold:float=None, min_size:int=None, split_distance:int=None, # Postprocessing; default: chosen at training (result.json)
-            color:str=None, shrink:int=None, tile_size:int=None, # Reading and tiling; default: as trained (result.json)
+            color:str=None, shrink:int=None, tile_size:int=None, channel:int=None, # Reading and tiling; default: as trained (result.json)
             overlap:int=None, # Pixels tiles share; default tile_size // 4
             tta:bool=False, # Average the 8 flips and rotations
             save_prob:bool=False, # Also write <name>_prob.tif
@@ -263,7 +266,7 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
     "Segment and count the beads of `inputs` into `out`; returns the counts table, the failures, the settings used and whether Ctrl-C stopped it."
     from tqdm import tqdm  # text: it works in a terminal, a notebook and papermill alike
     model, result, identity = model_and_record(model, log, fold)
-    s = prediction_settings(result, threshold=threshold, min_size=min_size, split_distance=split_distance, color=color, shrink=shrink, tile_size=tile_size)
+    s = prediction_settings(result, threshold=threshold, min_size=min_size, split_distance=split_distance, color=color, shrink=shrink, tile_size=tile_size, channel=channel)
     check_settings(s, model.input_shape[-1], overlap)
     out, provenance = output_folder(out), dict(model=identity, **s, overlap=overlap, tta=tta)
     paths, failures = expand_inputs(inputs)
@@ -305,7 +308,7 @@ def score_dataset(model, # A loaded model (or `FoldMean`)
                   s:dict, # `prediction_settings`
                  ) -> dict:
     "The evaluation block of `model` on `samples`, segmented as `predict` segments them (`segment` with the settings `s`)."
-    images, masks, objects = data.load_arrays(samples, shrink=s['shrink'], color=s['color'])
+    images, masks, objects = data.load_arrays(samples, shrink=s['shrink'], color=s['color'], channel=s['channel'])
     probabilities = predict_images(model, images, s['tile_size'])  # `predict_tiled`, as predict
     beads = [segment(p, s['threshold'], s['shrink'], s['min_size'], s['split_distance']) for p in probabilities]
     return score_predictions(probabilities, masks, objects, [x.stem for x in samples], s['shrink'], s['threshold'], beads)
@@ -313,7 +316,7 @@ def score_dataset(model, # A loaded model (or `FoldMean`)
 def evaluate_model(model, # A .keras file, configuration folder, search or confirmation run folder
                    dataset, # A labelled folder: images/, masks/ (and optionally labels/)
                    out=None, # Folder for evaluation.json; default the model's configuration folder (a confirmation: its run folder)
-                   color:str=None, shrink:int=None, mask_suffix:str=None, # Default: as trained (result.json)
+                   color:str=None, shrink:int=None, mask_suffix:str=None, channel:int=None, # Default: as trained (result.json)
                    threshold:float=None, min_size:int=None, split_distance:int=None, # Postprocessing; default: chosen at training (result.json), as `predict`
                    fold:str='mean', # A confirmation run: 'mean' averages its winner's fold models, 'best' takes its best fold's
                    log=print, # Where a warning goes
@@ -321,7 +324,7 @@ def evaluate_model(model, # A .keras file, configuration folder, search or confi
     "Score `model` on `dataset` as `predict` segments it; writes evaluation.json and a per-image CSV."
     paths, results, home = find_models(model, fold)
     loaded, result = load_models(paths, results)
-    s = prediction_settings(result, color=color, shrink=shrink, threshold=threshold, min_size=min_size, split_distance=split_distance)
+    s = prediction_settings(result, color=color, channel=channel, shrink=shrink, threshold=threshold, min_size=min_size, split_distance=split_distance)
     check_settings(s, loaded.input_shape[-1])
     suffix = mask_suffix if mask_suffix is not None else (result.get('config') or {}).get('mask_suffix', '')
     samples, problems = data.match_files(dataset, suffix)
@@ -332,7 +335,7 @@ def evaluate_model(model, # A .keras file, configuration folder, search or confi
     recorded = result.get('postprocessing') or {}
     source = lambda k, given: 'given' if given is not None else recorded.get('chosen_on', 'result.json') if recorded.get(k) is not None else 'default'
     evaluation = dict(score_dataset(loaded, samples, s), model=str(paths[0] if len(paths) == 1 else home), dataset=str(dataset),
-                      color=s['color'], shrink=s['shrink'], min_size=s['min_size'],
+                      color=s['color'], channel=s['channel'], shrink=s['shrink'], min_size=s['min_size'],
                       postprocessing=dict(threshold=s['threshold'], min_size=s['min_size'], split_distance=s['split_distance'],
                                           threshold_from=source('threshold', threshold),
                                           min_size_from=source('min_size', min_size)),
