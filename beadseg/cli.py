@@ -482,6 +482,7 @@ def validate_command(args):
     s = settings_from_args(args)['data']
     report = validate_dataset(args.folder or s['dataset'], s['image_size'], s['mask_suffix'], s['color'], s['channel'])
     print(report.table())
+    if s['pixel_size']: print(f"{'':<16}[data] pixel_size {s['pixel_size']:g} um is used instead")
     for line in [f'warning: {w}' for w in report.warnings] + [f'error: {e}' for e in report.errors]: print(line)
     return 0 if report.ok else 1
 

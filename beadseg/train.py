@@ -445,6 +445,7 @@ def fit_and_score(config:dict, # The configuration, checked
     "`train`'s work: the data, the fit, what it recorded and the evaluation, into `result`; without XLA when XLA cannot compile."
     report, train_samples, val_samples = prepare_data(config, out_dir)
     result['dataset_summary'], crops = report.summary, crops_per_image(report.summary, config['image_size'])
+    result['pixel_size'] = config.get('pixel_size') or report.summary.get('pixel_size')  # um per pixel: the setting, the images' own, or None
     fit = lambda c: fit_within_memory(c, out_dir, train_samples, val_samples, crops, (term, *callbacks), verbose, epoch_budget)
     result['params'], best, nan, result['micro_batch_size'] = without_xla_on_failure(fit, config, result)
     result.update(training_facts(config, out_dir, best, nan, len(train_samples) * crops, epoch_budget))

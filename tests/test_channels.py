@@ -10,13 +10,14 @@ from beadseg.data import read_image, normalise, validate_dataset
 
 @pytest.fixture(scope='module')
 def stacks(tmp_path_factory):
-    "Synthetic beads whose images are 3-page stacks: page 1 the beads, pages 0 and 2 noise and an inverted copy."
+    "Synthetic beads whose images are 3-page ImageJ stacks at 0.5 um per pixel: page 1 the beads, pages 0 and 2 noise and an inverted copy."
     folder = synthesize(tmp_path_factory.mktemp('data')/'stacks', n_images=8, size=128, seed=1, preset='easy')
     rng = np.random.default_rng(0)
     for path in sorted((folder/'images').iterdir()):
         beads = tifffile.imread(path)
         noise = rng.integers(0, beads.max() + 1, beads.shape).astype(beads.dtype)
-        tifffile.imwrite(path, np.stack([noise, beads, beads.max() - beads]), photometric='minisblack')
+        tifffile.imwrite(path, np.stack([noise, beads, beads.max() - beads]), imagej=True, resolution=(2, 2),
+                         metadata={'axes': 'ZYX', 'unit': 'um'})  # a Fiji Z stack at 0.5 um per pixel
     return folder
 
 
@@ -26,9 +27,10 @@ def test_a_stack_is_refused_without_channel_and_read_as_its_page_with_it(stacks)
     np.testing.assert_array_equal(read_image(path, channel=1)[..., 0], normalise(page.astype(np.float32)))
     refused = validate_dataset(stacks, 64)
     assert not refused.ok and len(refused.errors) == 8
-    assert refused.errors[0] == (f'{path}: a stack of 3 planes (shape (3, 128, 128), axes QYX); '
+    assert refused.errors[0] == (f'{path}: a stack of 3 planes (shape (3, 128, 128), axes ZYX); '
                                  f'set [data] channel (or --channel) to the plane to use')
     assert validate_dataset(stacks, 64, channel=1).ok
+    assert validate_dataset(stacks, 64, channel=1).summary['pixel_size'] == 0.5
     out = run_beadseg('validate', stacks, '--image-size', '64')
     assert out.returncode == 1 and 'set [data] channel (or --channel)' in out.stdout
     assert run_beadseg('validate', stacks, '--image-size', '64', '--channel', '1').returncode == 0
@@ -45,3 +47,4 @@ def test_a_stack_dataset_trains_on_its_channel(stacks, tmp_path):
     assert result['status'] == 'completed' and result['config']['channel'] == 1
     recorded = json.loads((tmp_path/'run'/'result.json').read_text())
     assert recorded['config']['channel'] == 1 and np.isfinite(recorded['best_val_jaccard'])
+    assert recorded['pixel_size'] == 0.5 and recorded['dataset_summary']['pixel_size_known'] == 8  # from the metadata
