@@ -385,7 +385,7 @@ def given(args, *keys) -> dict:
     return {k: next(v[k] for v in s.values() if k in v) for k in keys if getattr(args, k, None) is not None}
 
 def add_predict_arguments(parser):
-    "`beadseg predict`'s own arguments (--color and --shrink are the settings flags)."
+    "`beadseg predict`'s own arguments (--color, --channel, --shrink and --pixel-size, for images without calibration, are the settings flags)."
     add_model_argument(parser)
     parser.add_argument('inputs', metavar='INPUT', nargs='+', help='image files, folders or glob patterns')
     parser.add_argument('--out', required=True, help='folder for the outputs, counts.csv and beads.csv')
@@ -411,7 +411,7 @@ def predict_command(args):
     "Predict the inputs into --out; 1 if any input failed."
     from beadseg.predict import predict
     from beadseg.shapes import write_shapes
-    overrides = given(args, 'color', 'channel', 'shrink')
+    overrides = given(args, 'color', 'channel', 'shrink', 'pixel_size')
     log = lambda line: print(line, file=sys.stderr)
     run = predict(args.model, args.inputs, args.out, args.threshold, args.min_size, args.split_distance, tile_size=args.tile_size,
                   overlap=args.overlap, tta=args.tta, save_prob=args.save_prob, overwrite=args.overwrite,

@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['DEFAULTS', 'FOLDS', 'BEAD_COLUMNS', 'COUNT_COLUMNS', 'find_model', 'prediction_settings', 'load_model', 'FoldMean',
-           'fold_postprocessing', 'find_models', 'load_models', 'expand_inputs', 'measure', 'summarise_beads',
-           'overlay', 'write_outputs', 'read_for_model', 'check_settings', 'model_and_record', 'made_by',
-           'predict_image', 'output_folder', 'predict', 'seen_in_training', 'score_dataset', 'evaluate_model',
-           'evaluation_lines']
+           'fold_postprocessing', 'find_models', 'load_models', 'expand_inputs', 'in_micrometres', 'measure',
+           'summarise_beads', 'overlay', 'write_outputs', 'read_for_model', 'check_settings', 'model_and_record',
+           'made_by', 'predict_image', 'output_folder', 'predict', 'seen_in_training', 'score_dataset',
+           'evaluate_model', 'evaluation_lines']
 
 # %% ../nbs/13_predict.ipynb #p001f4ef
 import glob, json, sys
@@ -123,31 +123,46 @@ def expand_inputs(inputs:list, # Files, folders or glob patterns
 
 # %% ../nbs/13_predict.ipynb #p03701e8
 BEAD_COLUMNS = ['image', 'label', 'centroid_y', 'centroid_x', 'area_px', 'equivalent_diameter_px', 'eccentricity', 'mean_intensity',
-                'from_split']
+                'from_split', 'centroid_y_um', 'centroid_x_um', 'area_um2', 'equivalent_diameter_um']
 COUNT_COLUMNS = ['image', 'height', 'width', 'bead_count', 'foreground_fraction', 'mean_area_px', 'median_area_px',
-                 'mean_diameter_px', 'median_diameter_px', 'beads_from_split']
+                 'mean_diameter_px', 'median_diameter_px', 'beads_from_split', 'pixel_size_um', 'mean_area_um2', 'median_area_um2',
+                 'mean_diameter_um', 'median_diameter_um']
+
+def in_micrometres(table:pd.DataFrame, # `measure`'s pixel columns
+                   pixel_size:float=None, # Micrometres per pixel; None: unknown (NaN columns)
+                  ) -> pd.DataFrame:
+    "`table` with its centroids, areas and diameters also in micrometres."
+    px = np.nan if pixel_size is None else float(pixel_size)
+    return table.assign(centroid_y_um=table.centroid_y * px, centroid_x_um=table.centroid_x * px, area_um2=table.area_px * px ** 2,
+                        equivalent_diameter_um=table.equivalent_diameter_px * px)
 
 def measure(labels:np.ndarray, # int (H, W) bead ids
             intensity:np.ndarray, # (H, W) image values
             name:str, # The image's name
             split=(), # Ids of the beads cut out of clumps (`beadseg.inference.split_beads`)
+            pixel_size:float=None, # Micrometres per pixel, for the _um columns (None: unknown)
            ) -> pd.DataFrame:
     "One row per bead of `labels`: `BEAD_COLUMNS`."
     props = regionprops_table(labels, intensity, properties=('label', 'centroid', 'area', 'equivalent_diameter_area',
                                                              'eccentricity', 'intensity_mean'))
     table = pd.DataFrame(props).rename(columns={'centroid-0': 'centroid_y', 'centroid-1': 'centroid_x', 'area': 'area_px',
                                                'equivalent_diameter_area': 'equivalent_diameter_px', 'intensity_mean': 'mean_intensity'})
-    return table.assign(image=name, from_split=np.isin(table.label, split))[BEAD_COLUMNS]
+    return in_micrometres(table.assign(image=name, from_split=np.isin(table.label, split)), pixel_size)[BEAD_COLUMNS]
 
 def summarise_beads(beads:pd.DataFrame, # `measure`'s rows for one image
-                    labels:np.ndarray, name:str) -> dict:
+                    labels:np.ndarray, name:str,
+                    pixel_size:float=None, # Micrometres per pixel (None: unknown, NaN columns)
+                   ) -> dict:
     "The `counts.csv` row of one image."
     a, d = beads.area_px, beads.equivalent_diameter_px
     stat = lambda f, s: float(f(s)) if len(s) else 0.0
+    um = lambda f, s: stat(f, s) if pixel_size else np.nan
     return dict(image=name, height=labels.shape[0], width=labels.shape[1], bead_count=len(beads),
                 foreground_fraction=float((labels > 0).mean()), mean_area_px=stat(np.mean, a), median_area_px=stat(np.median, a),
                 mean_diameter_px=stat(np.mean, d), median_diameter_px=stat(np.median, d),
-                beads_from_split=int(beads.from_split.sum()))
+                beads_from_split=int(beads.from_split.sum()), pixel_size_um=pixel_size or np.nan,
+                mean_area_um2=um(np.mean, beads.area_um2), median_area_um2=um(np.median, beads.area_um2),
+                mean_diameter_um=um(np.mean, beads.equivalent_diameter_um), median_diameter_um=um(np.median, beads.equivalent_diameter_um))
 
 # %% ../nbs/13_predict.ipynb #p0403746
 def overlay(image:np.ndarray, # float32 (H, W, C) in [0, 1]
@@ -163,15 +178,15 @@ def write_outputs(out:Path, name:str, image:np.ndarray, prob:np.ndarray, labels:
                   provenance:dict=None, # The model and settings that made them, kept in the labels file
                   split=(), # Ids of the beads cut out of clumps, kept in the labels file too
                   source=None, # The image file they were predicted from, kept in the labels file too (viewers open it beside them)
+                  pixel_size:float=None, # Micrometres per pixel: the TIFFs' ImageJ calibration (None: uncalibrated)
                  ):
     "Write the files of one image to `out` (labels last, recording what made them)."
-    if save_prob: atomic_write(out/f'{name}_prob.tif', lambda t: tifffile.imwrite(t, prob.astype(np.float32)))
-    atomic_write(out/f'{name}_mask.tif', lambda t: tifffile.imwrite(t, (labels > 0).astype(np.uint8)))
+    if save_prob: atomic_write(out/f'{name}_prob.tif', lambda t: data.write_tiff(t, prob.astype(np.float32), pixel_size))
+    atomic_write(out/f'{name}_mask.tif', lambda t: data.write_tiff(t, np.where(labels > 0, 255, 0).astype(np.uint8), pixel_size))
     atomic_write(out/f'{name}_overlay.png', lambda t: iio.imwrite(t, overlay(image, labels), extension='.png'))
     dtype = np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32
-    atomic_write(out/f'{name}_labels.tif', lambda t: tifffile.imwrite(t, labels.astype(dtype),
-                                                                       description=json.dumps(dict(made_by=provenance, from_split=[int(i) for i in split],
-                                                                                   image=source and str(Path(source).resolve())))))
+    record = dict(made_by=provenance, from_split=[int(i) for i in split], image=source and str(Path(source).resolve()))
+    atomic_write(out/f'{name}_labels.tif', lambda t: data.write_tiff(t, labels.astype(dtype), pixel_size, record))
 
 # %% ../nbs/13_predict.ipynb #p04207f6
 def read_for_model(path, # Image file
@@ -225,11 +240,13 @@ def predict_image(model, # A loaded Keras model
                   provenance:dict, # The model and every setting that shapes the labels
                   overwrite=False, # Predict it again even if its labels are there
                   save_prob=False, # Also write <name>_prob.tif
+                  pixel_size:float=None, # Micrometres per pixel when the image's metadata has none (None: unknown)
                   **tiling, # `predict_tiled`'s overlap, tta and tiles_per_batch
                  ) -> tuple:
     "(its `counts.csv` row, its `beads.csv` rows): labels that the same model and settings made are reused unless `overwrite`."
     name = path.stem
     image, intensity = read_for_model(path, s['color'], s['channel'])
+    pixel_size = data.read_pixel_size(path) or pixel_size  # the image's own calibration first
     if not overwrite and made_by(out/f'{name}_labels.tif') == provenance:
         labels = tifffile.imread(out/f'{name}_labels.tif').astype(np.int32)
         split = data.tiff_record(out/f'{name}_labels.tif').get('from_split', [])
@@ -237,9 +254,9 @@ def predict_image(model, # A loaded Keras model
         prob = predict_tiled(model, image, s['tile_size'], **tiling)
         labels = segment(prob, s['threshold'], s['shrink'], s['min_size'], s['split_distance'])
         split = split_beads(labels, prob >= s['threshold'])
-        write_outputs(out, name, image, prob, labels, save_prob, provenance, split, path)
-    table = measure(labels, intensity, name, split)
-    return summarise_beads(table, labels, name), table
+        write_outputs(out, name, image, prob, labels, save_prob, provenance, split, path, pixel_size)
+    table = measure(labels, intensity, name, split, pixel_size)
+    return summarise_beads(table, labels, name, pixel_size), table
 
 def output_folder(out) -> Path:
     "`out`, made if needed; a one-line `ValueError` when it is a file or cannot be made."
@@ -257,6 +274,7 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
             overlap:int=None, # Pixels tiles share; default tile_size // 4
             tta:bool=False, # Average the 8 flips and rotations
             save_prob:bool=False, # Also write <name>_prob.tif
+            pixel_size:float=None, # Micrometres per pixel of inputs whose metadata has none; default: unknown (no um columns)
             overwrite:bool=False, # Predict again inputs whose outputs this model and these settings made
             tiles_per_batch:int=None, # Tiles per model call; default as many as hold 2^20 pixels
             progress:bool=True, # A tqdm bar over the images
@@ -277,7 +295,7 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
     try:
         for path in tqdm(paths, desc='images', unit='image', disable=not progress, file=sys.stderr):
             try:
-                row, table = predict_image(model, path, out, s, provenance, overwrite, save_prob, overlap=overlap, tta=tta,
+                row, table = predict_image(model, path, out, s, provenance, overwrite, save_prob, pixel_size, overlap=overlap, tta=tta,
                                            tiles_per_batch=tiles_per_batch)
                 counts.append(row); beads.append(table)
             except Exception as err:
