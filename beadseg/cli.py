@@ -398,6 +398,7 @@ def add_predict_arguments(parser):
     parser.add_argument('--save-prob', action='store_true', help='also write <name>_prob.tif (float32 probabilities)')
     parser.add_argument('--rois', action='store_true', help="also write <name>_rois.zip: each bead's outline, an ImageJ ROI for Fiji's ROI Manager")
     parser.add_argument('--geojson', action='store_true', help='also write <name>.geojson: each bead a QuPath detection with its measurements')
+    parser.add_argument('--no-rescale', action='store_true', help="predict inputs whose pixel size differs from the model's by more than 10 %% as they are, not rescaled to its scale")
     parser.add_argument('--overwrite', action='store_true', help='predict inputs whose outputs already exist again')
     parser.add_argument('--tiles-per-batch', type=int, help='tiles per model call (default: as many as hold 1024 x 1024 pixels)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -414,7 +415,7 @@ def predict_command(args):
     overrides = given(args, 'color', 'channel', 'shrink', 'pixel_size')
     log = lambda line: print(line, file=sys.stderr)
     run = predict(args.model, args.inputs, args.out, args.threshold, args.min_size, args.split_distance, tile_size=args.tile_size,
-                  overlap=args.overlap, tta=args.tta, save_prob=args.save_prob, overwrite=args.overwrite,
+                  overlap=args.overlap, tta=args.tta, save_prob=args.save_prob, overwrite=args.overwrite, rescale=not args.no_rescale,
                   tiles_per_batch=args.tiles_per_batch, progress=not args.no_progress, log=log, fold=args.fold, **overrides)
     counts, s = run['counts'], run['settings']
     write_shapes(run['out'], counts.image, args.rois, args.geojson)  # outlines of the images done (beadseg.shapes)
@@ -469,8 +470,7 @@ def synth_command(args):
     s = settings_from_args(args)['data']
     if not 16 <= args.size <= MAX_SYNTH_SIZE: raise ValueError(f'--size {args.size}: give a side from 16 to {MAX_SYNTH_SIZE} pixels')
     if args.n_images < 2: raise ValueError(f'--n-images {args.n_images}: a dataset needs at least 2 images')
-    out = synthesize(args.out, args.n_images, args.size, s['seed'], s['shrink'], args.preset, args.bead_diameter,
-                     given(args, 'pixel_size').get('pixel_size'))  # the flag only: [data] pixel_size describes the user's images
+    out = synthesize(args.out, args.n_images, args.size, s['seed'], s['shrink'], args.preset, args.bead_diameter, given(args, 'pixel_size').get('pixel_size'))  # the flag only
     print(validate_dataset(out, args.size).table())
 
 # %% ../nbs/11_cli.ipynb #42b0bec3

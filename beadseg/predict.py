@@ -6,8 +6,8 @@
 __all__ = ['DEFAULTS', 'FOLDS', 'BEAD_COLUMNS', 'COUNT_COLUMNS', 'find_model', 'prediction_settings', 'load_model', 'FoldMean',
            'fold_postprocessing', 'find_models', 'load_models', 'expand_inputs', 'in_micrometres', 'measure',
            'summarise_beads', 'overlay', 'write_outputs', 'read_for_model', 'check_settings', 'model_and_record',
-           'made_by', 'predict_image', 'output_folder', 'predict', 'seen_in_training', 'score_dataset',
-           'evaluate_model', 'evaluation_lines']
+           'made_by', 'predict_image', 'output_folder', 'predict', 'rescale_factor', 'segment_at_scale',
+           'seen_in_training', 'score_dataset', 'evaluate_model', 'evaluation_lines']
 
 # %% ../nbs/13_predict.ipynb #p001f4ef
 import glob, json, sys
@@ -241,6 +241,8 @@ def predict_image(model, # A loaded Keras model
                   overwrite=False, # Predict it again even if its labels are there
                   save_prob=False, # Also write <name>_prob.tif
                   pixel_size:float=None, # Micrometres per pixel when the image's metadata has none (None: unknown)
+                  scale_to:float=None, # The model's training pixel size, to rescale to (None: no rescaling)
+                  log=print, # Where the line about rescaling goes
                   **tiling, # `predict_tiled`'s overlap, tta and tiles_per_batch
                  ) -> tuple:
     "(its `counts.csv` row, its `beads.csv` rows): labels that the same model and settings made are reused unless `overwrite`."
@@ -251,9 +253,9 @@ def predict_image(model, # A loaded Keras model
         labels = tifffile.imread(out/f'{name}_labels.tif').astype(np.int32)
         split = data.tiff_record(out/f'{name}_labels.tif').get('from_split', [])
     else:
-        prob = predict_tiled(model, image, s['tile_size'], **tiling)
-        labels = segment(prob, s['threshold'], s['shrink'], s['min_size'], s['split_distance'])
-        split = split_beads(labels, prob >= s['threshold'])
+        if (factor := rescale_factor(pixel_size, scale_to)) != 1:
+            log(f'{path}: pixel size {pixel_size:g} um, the model was trained at {scale_to:g} um: predicted rescaled by {factor:.3g} (--no-rescale: as it is)')
+        prob, labels, split = segment_at_scale(model, image, s, factor, **tiling)
         write_outputs(out, name, image, prob, labels, save_prob, provenance, split, path, pixel_size)
     table = measure(labels, intensity, name, split, pixel_size)
     return summarise_beads(table, labels, name, pixel_size), table
@@ -271,10 +273,9 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
             out, # Output folder
             threshold:float=None, min_size:int=None, split_distance:int=None, # Postprocessing; default: chosen at training (result.json)
             color:str=None, shrink:int=None, tile_size:int=None, channel:int=None, # Reading and tiling; default: as trained (result.json)
-            overlap:int=None, # Pixels tiles share; default tile_size // 4
-            tta:bool=False, # Average the 8 flips and rotations
+            overlap:int=None, tta:bool=False, # Pixels tiles share (default tile_size // 4); average the 8 flips and rotations
             save_prob:bool=False, # Also write <name>_prob.tif
-            pixel_size:float=None, # Micrometres per pixel of inputs whose metadata has none; default: unknown (no um columns)
+            pixel_size:float=None, rescale:bool=True, # um per pixel of inputs without calibration (default: unknown); rescale inputs over 10 % off the model's scale to it
             overwrite:bool=False, # Predict again inputs whose outputs this model and these settings made
             tiles_per_batch:int=None, # Tiles per model call; default as many as hold 2^20 pixels
             progress:bool=True, # A tqdm bar over the images
@@ -286,7 +287,7 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
     model, result, identity = model_and_record(model, log, fold)
     s = prediction_settings(result, threshold=threshold, min_size=min_size, split_distance=split_distance, color=color, shrink=shrink, tile_size=tile_size, channel=channel)
     check_settings(s, model.input_shape[-1], overlap)
-    out, provenance = output_folder(out), dict(model=identity, **s, overlap=overlap, tta=tta)
+    out, provenance, scale_to = output_folder(out), dict(model=identity, **s, overlap=overlap, tta=tta, rescale=rescale), rescale and result.get('pixel_size')
     paths, failures = expand_inputs(inputs)
     for problem in failures: log(problem)
     if stale := [p for p in paths if (out/f'{p.stem}_labels.tif').is_file() and made_by(out/f'{p.stem}_labels.tif') != provenance]:
@@ -295,8 +296,8 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
     try:
         for path in tqdm(paths, desc='images', unit='image', disable=not progress, file=sys.stderr):
             try:
-                row, table = predict_image(model, path, out, s, provenance, overwrite, save_prob, pixel_size, overlap=overlap, tta=tta,
-                                           tiles_per_batch=tiles_per_batch)
+                row, table = predict_image(model, path, out, s, provenance, overwrite, save_prob, pixel_size, scale_to, log,
+                                           overlap=overlap, tta=tta, tiles_per_batch=tiles_per_batch)
                 counts.append(row); beads.append(table)
             except Exception as err:
                 failures.append(message := str(err) if isinstance(err, ValueError) else f'{path}: {type(err).__name__}: {err}')
@@ -307,6 +308,32 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
     write_csv(out/'counts.csv', counts := pd.DataFrame(counts, columns=COUNT_COLUMNS))
     write_csv(out/'beads.csv', pd.concat(beads) if beads else pd.DataFrame(columns=BEAD_COLUMNS))
     return dict(counts=counts, failures=failures, settings=s, out=out, interrupted=interrupted)
+
+# %% ../nbs/13_predict.ipynb #9a1cd3ed
+def rescale_factor(pixel_size:float=None, # The input's micrometres per pixel (None: unknown)
+                   model_pixel_size:float=None, # The model's training pixel size (None: unknown, or rescaling off)
+                   tolerance:float=0.1, # Relative difference predicted as it is
+                  ) -> float:
+    "How much to enlarge an input to the model's scale: its pixel size over the model's, or 1 when either is unknown or they are within `tolerance`."
+    if not (pixel_size and model_pixel_size) or abs(pixel_size / model_pixel_size - 1) <= tolerance: return 1.0
+    return pixel_size / model_pixel_size
+
+def segment_at_scale(model, # A loaded Keras model
+                     image:np.ndarray, # float32 (H, W, C), normalised
+                     s:dict, # `prediction_settings`
+                     factor:float=1.0, # `rescale_factor`
+                     **tiling, # `predict_tiled`'s overlap, tta and tiles_per_batch
+                    ) -> tuple:
+    "(probabilities, labels, split ids) of `image` predicted and segmented at `factor` times its size, on its own (H, W) grid."
+    from skimage.transform import rescale, resize
+    scaled = image if factor == 1 else rescale(image, factor, order=1, channel_axis=-1, anti_aliasing=factor < 1).astype(np.float32)
+    prob = predict_tiled(model, scaled, s['tile_size'], **tiling)
+    labels = segment(prob, s['threshold'], s['shrink'], s['min_size'], s['split_distance'])
+    split = split_beads(labels, prob >= s['threshold'])
+    if factor == 1: return prob, labels, split
+    labels = resize(labels, image.shape[:2], order=0, preserve_range=True, anti_aliasing=False).astype(labels.dtype)
+    split = np.intersect1d(split, labels)  # a bead smaller than a pixel of the input is gone
+    return resize(prob, image.shape[:2], order=1).astype(np.float32), labels, split
 
 # %% ../nbs/13_predict.ipynb #p0514d82
 def seen_in_training(results, # The model's result.json, or a list of them (fold models averaged)
