@@ -223,7 +223,7 @@ def pipeline_per_core(samples:list, # Dataset samples (`DatasetReport.samples`)
                       batch_size:int=16,
                       cores=None, # Core counts to measure; default 1, 2 and all of this machine's
                       min_seconds:float=5., # Timed seconds per core count at least
-                      seed:int=0, shrink:int=2, color:str='gray', augment:bool=True,
+                      seed:int=0, shrink:int=2, color:str='gray', augment:bool=True, channel:int=None,
                      ) -> pd.DataFrame:
     "Augmented training crops per second from the tf.data pipeline alone, with 1, 2, ... CPU cores: total and per core."
     import os
@@ -234,7 +234,7 @@ def pipeline_per_core(samples:list, # Dataset samples (`DatasetReport.samples`)
         options = tf.data.Options()
         options.threading.private_threadpool_size, options.threading.max_intra_op_parallelism = n, 1
         ds = pipeline.make_dataset(samples, image_size, batch_size, training=True, augment=augment, seed=seed, shrink=shrink,
-                               color=color, crops_per_image=crops).repeat().with_options(options)
+                               color=color, channel=channel, crops_per_image=crops).repeat().with_options(options)
         rate = pipeline_rate(ds, batch_size, warmup=math.ceil(len(samples) * crops / batch_size) + 2, steps=5,
                              min_seconds=min_seconds)
         rows.append(dict(cores=n, image_size=image_size, images_per_s=rate, images_per_s_per_core=rate / n))
@@ -322,7 +322,7 @@ def halving_bench(settings:dict, # The merged settings (see `HALVING_BENCH`); it
     from beadseg.search import collect, run_search
     out, s, tables, seconds = Path(out), settings['search'], {}, []
     report = data.check_dataset(settings['data']['dataset'], settings['data']['image_size'], settings['data']['mask_suffix'],
-                                settings['data']['color'])
+                                settings['data']['color'], settings['data']['channel'])
     for kind in ('grid', 'halving'):
         planned = {**settings, 'search': {**s, 'search_type': kind}}
         run = plan_run(planned, checked_plan(planned), report, out/kind)

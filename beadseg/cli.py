@@ -583,9 +583,9 @@ def pipeline_command(args):
     d, size = s['data'], s['data']['image_size']
     with tempfile.TemporaryDirectory() as tmp:
         folder, described = bench_dataset(s, size, 16, tmp)
-        report = data.check_dataset(folder, size, d['mask_suffix'], d['color'])
+        report = data.check_dataset(folder, size, d['mask_suffix'], d['color'], d['channel'])
         print(f'augmenting pipeline alone, {size} x {size} crops of {described}', flush=True)
-        table = pipeline_per_core(report.samples, size, seed=d['seed'], shrink=d['shrink'], color=d['color'], augment=d['augment'])
+        table = pipeline_per_core(report.samples, size, seed=d['seed'], shrink=d['shrink'], color=d['color'], channel=d['channel'], augment=d['augment'])
     print(table.to_string(index=False, float_format=lambda v: f'{v:.1f}'))
     print(f'{cores_needed(table, args.gpu_rate)} cores feed a GPU training {args.gpu_rate:g} images/s at this per-core rate')
 
