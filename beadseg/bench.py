@@ -81,7 +81,7 @@ def bench_config(config:dict, # A training configuration (`config_from_settings`
     samples = samples[:len(samples) // B * B]
     keras.utils.set_random_seed(config['seed'])  # not `seed_everything`: its deterministic ops would turn XLA off on a CPU
     ds = pipeline.make_dataset(samples, config['image_size'], B, training=True, augment=config['augment'], seed=config['seed'],
-                           shrink=config['shrink'], color=config['color']).repeat()
+                           shrink=config['shrink'], color=config['color'], channel=config['channel']).repeat()
     if tf.config.list_physical_devices('GPU'): tf.config.experimental.reset_memory_stats('GPU:0')
     started = time.perf_counter()
     model, _ = build_or_resume(config, Path(tempfile.mkdtemp()), ds.element_spec[0].shape[-1])
@@ -159,7 +159,7 @@ def run_bench(settings:dict, # As `load_settings` returns
     with tempfile.TemporaryDirectory() as tmp:
         folder, described = bench_dataset(settings, image_size, max(batch_sizes), tmp)
         started = time.perf_counter()
-        report = data.check_dataset(folder, image_size, d['mask_suffix'], d['color'])
+        report = data.check_dataset(folder, image_size, d['mask_suffix'], d['color'], d['channel'])
         validation_s = time.perf_counter() - started
         kernel_s = kernel_start_seconds() if overhead else math.nan
         for i, config in enumerate(configs, 1):
@@ -223,7 +223,7 @@ def pipeline_per_core(samples:list, # Dataset samples (`DatasetReport.samples`)
                       batch_size:int=16,
                       cores=None, # Core counts to measure; default 1, 2 and all of this machine's
                       min_seconds:float=5., # Timed seconds per core count at least
-                      seed:int=0, shrink:int=2, color:str='gray', augment:bool=True,
+                      seed:int=0, shrink:int=2, color:str='gray', augment:bool=True, channel:int=None,
                      ) -> pd.DataFrame:
     "Augmented training crops per second from the tf.data pipeline alone, with 1, 2, ... CPU cores: total and per core."
     import os
@@ -234,7 +234,7 @@ def pipeline_per_core(samples:list, # Dataset samples (`DatasetReport.samples`)
         options = tf.data.Options()
         options.threading.private_threadpool_size, options.threading.max_intra_op_parallelism = n, 1
         ds = pipeline.make_dataset(samples, image_size, batch_size, training=True, augment=augment, seed=seed, shrink=shrink,
-                               color=color, crops_per_image=crops).repeat().with_options(options)
+                               color=color, channel=channel, crops_per_image=crops).repeat().with_options(options)
         rate = pipeline_rate(ds, batch_size, warmup=math.ceil(len(samples) * crops / batch_size) + 2, steps=5,
                              min_seconds=min_seconds)
         rows.append(dict(cores=n, image_size=image_size, images_per_s=rate, images_per_s_per_core=rate / n))
@@ -322,7 +322,7 @@ def halving_bench(settings:dict, # The merged settings (see `HALVING_BENCH`); it
     from beadseg.search import collect, run_search
     out, s, tables, seconds = Path(out), settings['search'], {}, []
     report = data.check_dataset(settings['data']['dataset'], settings['data']['image_size'], settings['data']['mask_suffix'],
-                                settings['data']['color'])
+                                settings['data']['color'], settings['data']['channel'])
     for kind in ('grid', 'halving'):
         planned = {**settings, 'search': {**s, 'search_type': kind}}
         run = plan_run(planned, checked_plan(planned), report, out/kind)

@@ -229,7 +229,7 @@ def dataset_ready(settings:dict, # The merged settings
                              f'synthetic beads there first (or run `beadseg demo`)')
         print(f'beadseg: generating synthetic beads in {folder}', flush=True)
         synthesize(folder, shrink=d['shrink'], seed=d['seed'])
-    return data.check_dataset(folder, d['image_size'], d['mask_suffix'], d['color'])
+    return data.check_dataset(folder, d['image_size'], d['mask_suffix'], d['color'], d['channel'])
 
 def summarise(table) -> str:
     from beadseg.tables import SCORE, winning_rows
@@ -385,7 +385,7 @@ def given(args, *keys) -> dict:
     return {k: next(v[k] for v in s.values() if k in v) for k in keys if getattr(args, k, None) is not None}
 
 def add_predict_arguments(parser):
-    "`beadseg predict`'s own arguments (--color and --shrink are the settings flags)."
+    "`beadseg predict`'s own arguments (--color, --channel, --shrink and --pixel-size, for images without calibration, are the settings flags)."
     add_model_argument(parser)
     parser.add_argument('inputs', metavar='INPUT', nargs='+', help='image files, folders or glob patterns')
     parser.add_argument('--out', required=True, help='folder for the outputs, counts.csv and beads.csv')
@@ -398,6 +398,7 @@ def add_predict_arguments(parser):
     parser.add_argument('--save-prob', action='store_true', help='also write <name>_prob.tif (float32 probabilities)')
     parser.add_argument('--rois', action='store_true', help="also write <name>_rois.zip: each bead's outline, an ImageJ ROI for Fiji's ROI Manager")
     parser.add_argument('--geojson', action='store_true', help='also write <name>.geojson: each bead a QuPath detection with its measurements')
+    parser.add_argument('--no-rescale', action='store_true', help="predict inputs whose pixel size differs from the model's by more than 10 %% as they are, not rescaled to its scale")
     parser.add_argument('--overwrite', action='store_true', help='predict inputs whose outputs already exist again')
     parser.add_argument('--tiles-per-batch', type=int, help='tiles per model call (default: as many as hold 1024 x 1024 pixels)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -411,10 +412,10 @@ def predict_command(args):
     "Predict the inputs into --out; 1 if any input failed."
     from beadseg.predict import predict
     from beadseg.shapes import write_shapes
-    overrides = given(args, 'color', 'shrink')
+    overrides = given(args, 'color', 'channel', 'shrink', 'pixel_size')
     log = lambda line: print(line, file=sys.stderr)
     run = predict(args.model, args.inputs, args.out, args.threshold, args.min_size, args.split_distance, tile_size=args.tile_size,
-                  overlap=args.overlap, tta=args.tta, save_prob=args.save_prob, overwrite=args.overwrite,
+                  overlap=args.overlap, tta=args.tta, save_prob=args.save_prob, overwrite=args.overwrite, rescale=not args.no_rescale,
                   tiles_per_batch=args.tiles_per_batch, progress=not args.no_progress, log=log, fold=args.fold, **overrides)
     counts, s = run['counts'], run['settings']
     write_shapes(run['out'], counts.image, args.rois, args.geojson)  # outlines of the images done (beadseg.shapes)
@@ -446,7 +447,7 @@ def evaluate_command(args):
         print(table[['config_id', 'best_val_jacard', 'test_jaccard', 'test_object_f1', 'test_count_mae']].to_string(index=False))
         print(f'beadseg evaluate: test scores of {len(table)} configurations in {Path(args.model)/"test_results.csv"}')
         return
-    e = evaluate_model(args.model, args.dataset, args.out, **given(args, 'color', 'shrink', 'mask_suffix'), threshold=args.threshold,
+    e = evaluate_model(args.model, args.dataset, args.out, **given(args, 'color', 'channel', 'shrink', 'mask_suffix'), threshold=args.threshold,
                        min_size=args.min_size, split_distance=args.split_distance, fold=args.fold, log=lambda line: print(line, file=sys.stderr))
     print(evaluation_lines(e))
 
@@ -457,8 +458,7 @@ def add_synth_arguments(parser):
     parser.add_argument('--n-images', type=int, default=40, help='number of images (default 40)')
     parser.add_argument('--size', type=int, default=512, help='image side in pixels (default 512)')
     parser.add_argument('--preset', default='realistic', choices=('easy', 'realistic', 'hard'), help='how realistic the beads are (default realistic)')
-    parser.add_argument('--bead-diameter', type=float, help='mean bead diameter in pixels, or in um with --pixel-size (default 12 px)')
-    parser.add_argument('--pixel-size', type=float, help='micrometres per pixel (then --bead-diameter is in um)')
+    parser.add_argument('--bead-diameter', type=float, help='mean bead diameter in pixels, or in um with --pixel-size, the settings flag (default 12 px)')
 
 MAX_SYNTH_SIZE = 8192  # 64 MiB a float image; beyond that memory, not beads, is what a test exercises
 
@@ -470,7 +470,7 @@ def synth_command(args):
     s = settings_from_args(args)['data']
     if not 16 <= args.size <= MAX_SYNTH_SIZE: raise ValueError(f'--size {args.size}: give a side from 16 to {MAX_SYNTH_SIZE} pixels')
     if args.n_images < 2: raise ValueError(f'--n-images {args.n_images}: a dataset needs at least 2 images')
-    out = synthesize(args.out, args.n_images, args.size, s['seed'], s['shrink'], args.preset, args.bead_diameter, args.pixel_size)
+    out = synthesize(args.out, args.n_images, args.size, s['seed'], s['shrink'], args.preset, args.bead_diameter, given(args, 'pixel_size').get('pixel_size'))  # the flag only
     print(validate_dataset(out, args.size).table())
 
 # %% ../nbs/11_cli.ipynb #42b0bec3
@@ -480,8 +480,9 @@ def validate_command(args):
     "Print the dataset's summary, warnings and errors; 1 when it is not usable."
     from beadseg.data import validate_dataset
     s = settings_from_args(args)['data']
-    report = validate_dataset(args.folder or s['dataset'], s['image_size'], s['mask_suffix'], s['color'])
+    report = validate_dataset(args.folder or s['dataset'], s['image_size'], s['mask_suffix'], s['color'], s['channel'])
     print(report.table())
+    if s['pixel_size']: print(f"{'':<16}[data] pixel_size {s['pixel_size']:g} um is used instead")
     for line in [f'warning: {w}' for w in report.warnings] + [f'error: {e}' for e in report.errors]: print(line)
     return 0 if report.ok else 1
 
@@ -582,9 +583,9 @@ def pipeline_command(args):
     d, size = s['data'], s['data']['image_size']
     with tempfile.TemporaryDirectory() as tmp:
         folder, described = bench_dataset(s, size, 16, tmp)
-        report = data.check_dataset(folder, size, d['mask_suffix'], d['color'])
+        report = data.check_dataset(folder, size, d['mask_suffix'], d['color'], d['channel'])
         print(f'augmenting pipeline alone, {size} x {size} crops of {described}', flush=True)
-        table = pipeline_per_core(report.samples, size, seed=d['seed'], shrink=d['shrink'], color=d['color'], augment=d['augment'])
+        table = pipeline_per_core(report.samples, size, seed=d['seed'], shrink=d['shrink'], color=d['color'], channel=d['channel'], augment=d['augment'])
     print(table.to_string(index=False, float_format=lambda v: f'{v:.1f}'))
     print(f'{cores_needed(table, args.gpu_rate)} cores feed a GPU training {args.gpu_rate:g} images/s at this per-core rate')
 

@@ -7,8 +7,8 @@ __all__ = ['ARCHITECTURES', 'LOSS_NAMES', 'DEPTH', 'integer', 'positive_int', 'n
            'open_fraction', 'dropout_rate', 'TRUE_WORDS', 'FALSE_WORDS', 'AUTO_ON_OFF', 'PRECISION', 'PRECISIONS',
            'walltime', 'slurm_time', 'SCHEMA', 'KEY_SECTION', 'OPTIONAL', 'TEMPLATES', 'PROJECT_SETTINGS', 'SPACE_KEYS',
            'DISTRIBUTIONS', 'MAX_DECADES', 'check_model_args', 'check_loss_name', 'number', 'text', 'boolean', 'one_of',
-           'list_of', 'matching', 'SettingsError', 'find_settings', 'Distribution', 'parse_bounds', 'parse_dimension',
-           'parse_value', 'read_settings', 'as_text', 'flag', 'load_settings', 'add_settings_args',
+           'list_of', 'optional', 'matching', 'SettingsError', 'find_settings', 'Distribution', 'parse_bounds',
+           'parse_dimension', 'parse_value', 'read_settings', 'as_text', 'flag', 'load_settings', 'add_settings_args',
            'settings_from_args', 'format_settings', 'write_settings']
 
 # %% ../nbs/10_config.ipynb #94b81d41
@@ -103,6 +103,10 @@ def list_of(item): # Parser for each comma-separated element
         return values
     return parse
 
+def optional(parse): # The parser of a given value
+    "A parser for an empty value (None: not set) or a value `parse` accepts."
+    return lambda text: None if text == '' else parse(text)
+
 def matching(pattern:str, expected:str):
     "A parser for text that fully matches the regular expression `pattern`."
     def parse(text):
@@ -118,6 +122,7 @@ walltime = matching(r'\d+:[0-5]\d:[0-5]\d', 'a walltime HH:MM:SS')
 slurm_time = matching(r'(\d+-)?\d+:[0-5]\d:[0-5]\d', 'a time limit [D-]HH:MM:SS')
 SCHEMA = {
     'data': dict(dataset=text, test_dataset=text, mask_suffix=text, color=one_of(('gray', 'rgb')), shrink=non_negative_int,
+                 channel=optional(non_negative_int), pixel_size=optional(positive_float),
                  image_size=positive_int, val_split=open_fraction, seed=seed_int, augment=boolean),
     'train': dict(learning_rate=positive_float, patience=non_negative_int, max_epochs=positive_int,
                   dropout=dropout_rate, base_filters=positive_int, micro_batch_size=non_negative_int,
@@ -133,7 +138,8 @@ SCHEMA = {
                   gres=text, slurm_mem=matching(r'(?i)\d+[kmgt]?', 'a size such as 240G')),
 }
 KEY_SECTION = {key: section for section, keys in SCHEMA.items() for key in keys}
-OPTIONAL = dict(retries='2', micro_batch_size='0', test_dataset='', eta='3', min_epochs='30', tensorboard='on', repeats='1')  # keys added after runs were made: an older run's settings.ini gets these defaults
+OPTIONAL = dict(retries='2', micro_batch_size='0', test_dataset='', eta='3', min_epochs='30', tensorboard='on', repeats='1',
+                channel='', pixel_size='')  # keys added after runs were made: an older run's settings.ini gets these defaults
 
 # %% ../nbs/10_config.ipynb #562f0972
 class SettingsError(ValueError):
@@ -232,6 +238,7 @@ def read_settings(path, # The settings file
 def as_text(value):
     "`value` written as it would be in settings.ini (lists comma-separated)."
     if isinstance(value, bool): return str(value).lower()
+    if value is None: return ''  # an optional setting not set
     return ', '.join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 def flag(key:str):

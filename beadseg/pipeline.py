@@ -123,6 +123,7 @@ def make_dataset(samples:list, # Pairs from `find_pairs` (or `DatasetReport.samp
                  seed:int=0, # Same seed, same batches
                  shrink:int=0, # See `read_mask`
                  color:str='gray', # See `as_channels`
+                 channel:int=None, # The plane of stacked images, see `one_plane`
                  cache:bool=True, # Keep decoded images in memory when they fit (see `fits_in_memory`)
                  crops_per_image:int=1, # Training: random crops of each image per epoch (shuffled passes over the images)
                  first_epoch:int=0, # Training: the epoch (0-based) the first pass draws
@@ -132,7 +133,7 @@ def make_dataset(samples:list, # Pairs from `find_pairs` (or `DatasetReport.samp
     C, keep, decoded = CHANNELS[color], cache and fits_in_memory(samples, color), {}
     def read(i):
         if (i := int(i)) in decoded: return decoded[i]
-        pair = read_image(samples[i].image, color), read_mask(samples[i].mask, shrink)[..., None].astype(np.float32)
+        pair = read_image(samples[i].image, color, channel), read_mask(samples[i].mask, shrink)[..., None].astype(np.float32)
         if keep: decoded[i] = pair  # an epoch reads in its own order: a cache by index, not tf.data's in-order one
         return pair
     def load(i):

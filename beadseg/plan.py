@@ -150,5 +150,5 @@ def plan_run(settings:dict, # The merged settings
     "The one way a search is planned (the search command, the demo, the halving bench): `check_plan` against the validated dataset, the test set checked, then `create_run`."
     check_plan(plan, settings, report.summary)
     d = settings['data']
-    if d['test_dataset']: check_dataset(d['test_dataset'], 16, d['mask_suffix'], d['color'])  # scored after the search
+    if d['test_dataset']: check_dataset(d['test_dataset'], 16, d['mask_suffix'], d['color'], d['channel'])  # scored after the search
     return create_run(settings, out, plan, report)

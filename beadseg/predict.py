@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['DEFAULTS', 'FOLDS', 'BEAD_COLUMNS', 'COUNT_COLUMNS', 'find_model', 'prediction_settings', 'load_model', 'FoldMean',
-           'fold_postprocessing', 'find_models', 'load_models', 'expand_inputs', 'measure', 'summarise_beads',
-           'overlay', 'write_outputs', 'read_for_model', 'check_settings', 'model_and_record', 'made_by',
-           'predict_image', 'output_folder', 'predict', 'seen_in_training', 'score_dataset', 'evaluate_model',
-           'evaluation_lines']
+           'fold_postprocessing', 'find_models', 'load_models', 'expand_inputs', 'in_micrometres', 'measure',
+           'summarise_beads', 'overlay', 'write_outputs', 'read_for_model', 'check_settings', 'model_and_record',
+           'made_by', 'predict_image', 'output_folder', 'predict', 'rescale_factor', 'segment_at_scale',
+           'seen_in_training', 'score_dataset', 'evaluate_model', 'evaluation_lines']
 
 # %% ../nbs/13_predict.ipynb #p001f4ef
 import glob, json, sys
@@ -43,16 +43,16 @@ def find_model(source, # A .keras file, a configuration folder or a search run f
     return model, read_result(folder) or {}
 
 # %% ../nbs/13_predict.ipynb #p0294ef9
-DEFAULTS = dict(color='gray', shrink=0, tile_size=512, threshold=0.5, min_size=0, split_distance=0)
+DEFAULTS = dict(color='gray', channel=None, shrink=0, tile_size=512, threshold=0.5, min_size=0, split_distance=0)
 
 def prediction_settings(result:dict, # A configuration's result.json ({} if none)
                         **overrides, # Values given explicitly (None: not given)
                        ) -> dict:
     "The reading and postprocessing settings for a model: `overrides`, else its result.json, else `DEFAULTS`."
     config, post = result.get('config') or {}, result.get('postprocessing') or {}
-    recorded = dict(color=config.get('color'), shrink=config.get('shrink'), tile_size=config.get('image_size'),
+    recorded = dict(color=config.get('color'), channel=config.get('channel'), shrink=config.get('shrink'), tile_size=config.get('image_size'),
                     threshold=post.get('threshold'), min_size=post.get('min_size'), split_distance=post.get('split_distance'))
-    return {k: next(v for v in (overrides.get(k), recorded[k], DEFAULTS[k]) if v is not None) for k in DEFAULTS}
+    return {k: next((v for v in (overrides.get(k), recorded[k]) if v is not None), DEFAULTS[k]) for k in DEFAULTS}
 
 # %% ../nbs/13_predict.ipynb #p0326a1f
 def load_model(path, # A .keras file saved by training
@@ -123,31 +123,46 @@ def expand_inputs(inputs:list, # Files, folders or glob patterns
 
 # %% ../nbs/13_predict.ipynb #p03701e8
 BEAD_COLUMNS = ['image', 'label', 'centroid_y', 'centroid_x', 'area_px', 'equivalent_diameter_px', 'eccentricity', 'mean_intensity',
-                'from_split']
+                'from_split', 'centroid_y_um', 'centroid_x_um', 'area_um2', 'equivalent_diameter_um']
 COUNT_COLUMNS = ['image', 'height', 'width', 'bead_count', 'foreground_fraction', 'mean_area_px', 'median_area_px',
-                 'mean_diameter_px', 'median_diameter_px', 'beads_from_split']
+                 'mean_diameter_px', 'median_diameter_px', 'beads_from_split', 'pixel_size_um', 'mean_area_um2', 'median_area_um2',
+                 'mean_diameter_um', 'median_diameter_um']
+
+def in_micrometres(table:pd.DataFrame, # `measure`'s pixel columns
+                   pixel_size:float=None, # Micrometres per pixel; None: unknown (NaN columns)
+                  ) -> pd.DataFrame:
+    "`table` with its centroids, areas and diameters also in micrometres."
+    px = np.nan if pixel_size is None else float(pixel_size)
+    return table.assign(centroid_y_um=table.centroid_y * px, centroid_x_um=table.centroid_x * px, area_um2=table.area_px * px ** 2,
+                        equivalent_diameter_um=table.equivalent_diameter_px * px)
 
 def measure(labels:np.ndarray, # int (H, W) bead ids
             intensity:np.ndarray, # (H, W) image values
             name:str, # The image's name
             split=(), # Ids of the beads cut out of clumps (`beadseg.inference.split_beads`)
+            pixel_size:float=None, # Micrometres per pixel, for the _um columns (None: unknown)
            ) -> pd.DataFrame:
     "One row per bead of `labels`: `BEAD_COLUMNS`."
     props = regionprops_table(labels, intensity, properties=('label', 'centroid', 'area', 'equivalent_diameter_area',
                                                              'eccentricity', 'intensity_mean'))
     table = pd.DataFrame(props).rename(columns={'centroid-0': 'centroid_y', 'centroid-1': 'centroid_x', 'area': 'area_px',
                                                'equivalent_diameter_area': 'equivalent_diameter_px', 'intensity_mean': 'mean_intensity'})
-    return table.assign(image=name, from_split=np.isin(table.label, split))[BEAD_COLUMNS]
+    return in_micrometres(table.assign(image=name, from_split=np.isin(table.label, split)), pixel_size)[BEAD_COLUMNS]
 
 def summarise_beads(beads:pd.DataFrame, # `measure`'s rows for one image
-                    labels:np.ndarray, name:str) -> dict:
+                    labels:np.ndarray, name:str,
+                    pixel_size:float=None, # Micrometres per pixel (None: unknown, NaN columns)
+                   ) -> dict:
     "The `counts.csv` row of one image."
     a, d = beads.area_px, beads.equivalent_diameter_px
     stat = lambda f, s: float(f(s)) if len(s) else 0.0
+    um = lambda f, s: stat(f, s) if pixel_size else np.nan
     return dict(image=name, height=labels.shape[0], width=labels.shape[1], bead_count=len(beads),
                 foreground_fraction=float((labels > 0).mean()), mean_area_px=stat(np.mean, a), median_area_px=stat(np.median, a),
                 mean_diameter_px=stat(np.mean, d), median_diameter_px=stat(np.median, d),
-                beads_from_split=int(beads.from_split.sum()))
+                beads_from_split=int(beads.from_split.sum()), pixel_size_um=pixel_size or np.nan,
+                mean_area_um2=um(np.mean, beads.area_um2), median_area_um2=um(np.median, beads.area_um2),
+                mean_diameter_um=um(np.mean, beads.equivalent_diameter_um), median_diameter_um=um(np.median, beads.equivalent_diameter_um))
 
 # %% ../nbs/13_predict.ipynb #p0403746
 def overlay(image:np.ndarray, # float32 (H, W, C) in [0, 1]
@@ -163,22 +178,25 @@ def write_outputs(out:Path, name:str, image:np.ndarray, prob:np.ndarray, labels:
                   provenance:dict=None, # The model and settings that made them, kept in the labels file
                   split=(), # Ids of the beads cut out of clumps, kept in the labels file too
                   source=None, # The image file they were predicted from, kept in the labels file too (viewers open it beside them)
+                  pixel_size:float=None, # Micrometres per pixel: the TIFFs' ImageJ calibration (None: uncalibrated)
                  ):
     "Write the files of one image to `out` (labels last, recording what made them)."
-    if save_prob: atomic_write(out/f'{name}_prob.tif', lambda t: tifffile.imwrite(t, prob.astype(np.float32)))
-    atomic_write(out/f'{name}_mask.tif', lambda t: tifffile.imwrite(t, (labels > 0).astype(np.uint8)))
+    if save_prob: atomic_write(out/f'{name}_prob.tif', lambda t: data.write_tiff(t, prob.astype(np.float32), pixel_size))
+    atomic_write(out/f'{name}_mask.tif', lambda t: data.write_tiff(t, np.where(labels > 0, 255, 0).astype(np.uint8), pixel_size))
     atomic_write(out/f'{name}_overlay.png', lambda t: iio.imwrite(t, overlay(image, labels), extension='.png'))
     dtype = np.uint16 if labels.max() <= np.iinfo(np.uint16).max else np.uint32
-    atomic_write(out/f'{name}_labels.tif', lambda t: tifffile.imwrite(t, labels.astype(dtype),
-                                                                       description=json.dumps(dict(made_by=provenance, from_split=[int(i) for i in split],
-                                                                                   image=source and str(Path(source).resolve())))))
+    record = dict(made_by=provenance, from_split=[int(i) for i in split], image=source and str(Path(source).resolve()))
+    atomic_write(out/f'{name}_labels.tif', lambda t: data.write_tiff(t, labels.astype(dtype), pixel_size, record))
 
 # %% ../nbs/13_predict.ipynb #p04207f6
 def read_for_model(path, # Image file
                    color:str='gray', # How the model's training read images
+                   channel:int=None, # The plane of a stack it read, see `data.one_plane`
                   ) -> tuple:
     "(normalised float32 (H, W, C) model input, (H, W) intensities as stored) of the image in `path`."
-    try: pixels = data.as_channels(data.read_pixels(path), color)
+    try:
+        planes, axes = data.read_planes(path)
+        pixels = data.as_channels(planes, color, channel, axes)
     except ValueError as err: raise data.named(path, err) from None
     return data.normalise(pixels), pixels.mean(-1)
 
@@ -222,21 +240,25 @@ def predict_image(model, # A loaded Keras model
                   provenance:dict, # The model and every setting that shapes the labels
                   overwrite=False, # Predict it again even if its labels are there
                   save_prob=False, # Also write <name>_prob.tif
+                  pixel_size:float=None, # Micrometres per pixel when the image's metadata has none (None: unknown)
+                  scale_to:float=None, # The model's training pixel size, to rescale to (None: no rescaling)
+                  log=print, # Where the line about rescaling goes
                   **tiling, # `predict_tiled`'s overlap, tta and tiles_per_batch
                  ) -> tuple:
     "(its `counts.csv` row, its `beads.csv` rows): labels that the same model and settings made are reused unless `overwrite`."
     name = path.stem
-    image, intensity = read_for_model(path, s['color'])
+    image, intensity = read_for_model(path, s['color'], s['channel'])
+    pixel_size = data.read_pixel_size(path) or pixel_size  # the image's own calibration first
     if not overwrite and made_by(out/f'{name}_labels.tif') == provenance:
         labels = tifffile.imread(out/f'{name}_labels.tif').astype(np.int32)
         split = data.tiff_record(out/f'{name}_labels.tif').get('from_split', [])
     else:
-        prob = predict_tiled(model, image, s['tile_size'], **tiling)
-        labels = segment(prob, s['threshold'], s['shrink'], s['min_size'], s['split_distance'])
-        split = split_beads(labels, prob >= s['threshold'])
-        write_outputs(out, name, image, prob, labels, save_prob, provenance, split, path)
-    table = measure(labels, intensity, name, split)
-    return summarise_beads(table, labels, name), table
+        if (factor := rescale_factor(pixel_size, scale_to)) != 1:
+            log(f'{path}: pixel size {pixel_size:g} um, the model was trained at {scale_to:g} um: predicted rescaled by {factor:.3g} (--no-rescale: as it is)')
+        prob, labels, split = segment_at_scale(model, image, s, factor, **tiling)
+        write_outputs(out, name, image, prob, labels, save_prob, provenance, split, path, pixel_size)
+    table = measure(labels, intensity, name, split, pixel_size)
+    return summarise_beads(table, labels, name, pixel_size), table
 
 def output_folder(out) -> Path:
     "`out`, made if needed; a one-line `ValueError` when it is a file or cannot be made."
@@ -250,10 +272,10 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
             inputs:list, # Image files, folders or glob patterns
             out, # Output folder
             threshold:float=None, min_size:int=None, split_distance:int=None, # Postprocessing; default: chosen at training (result.json)
-            color:str=None, shrink:int=None, tile_size:int=None, # Reading and tiling; default: as trained (result.json)
-            overlap:int=None, # Pixels tiles share; default tile_size // 4
-            tta:bool=False, # Average the 8 flips and rotations
+            color:str=None, shrink:int=None, tile_size:int=None, channel:int=None, # Reading and tiling; default: as trained (result.json)
+            overlap:int=None, tta:bool=False, # Pixels tiles share (default tile_size // 4); average the 8 flips and rotations
             save_prob:bool=False, # Also write <name>_prob.tif
+            pixel_size:float=None, rescale:bool=True, # um per pixel of inputs without calibration (default: unknown); rescale inputs over 10 % off the model's scale to it
             overwrite:bool=False, # Predict again inputs whose outputs this model and these settings made
             tiles_per_batch:int=None, # Tiles per model call; default as many as hold 2^20 pixels
             progress:bool=True, # A tqdm bar over the images
@@ -263,9 +285,9 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
     "Segment and count the beads of `inputs` into `out`; returns the counts table, the failures, the settings used and whether Ctrl-C stopped it."
     from tqdm import tqdm  # text: it works in a terminal, a notebook and papermill alike
     model, result, identity = model_and_record(model, log, fold)
-    s = prediction_settings(result, threshold=threshold, min_size=min_size, split_distance=split_distance, color=color, shrink=shrink, tile_size=tile_size)
+    s = prediction_settings(result, threshold=threshold, min_size=min_size, split_distance=split_distance, color=color, shrink=shrink, tile_size=tile_size, channel=channel)
     check_settings(s, model.input_shape[-1], overlap)
-    out, provenance = output_folder(out), dict(model=identity, **s, overlap=overlap, tta=tta)
+    out, provenance, scale_to = output_folder(out), dict(model=identity, **s, overlap=overlap, tta=tta, rescale=rescale), rescale and result.get('pixel_size')
     paths, failures = expand_inputs(inputs)
     for problem in failures: log(problem)
     if stale := [p for p in paths if (out/f'{p.stem}_labels.tif').is_file() and made_by(out/f'{p.stem}_labels.tif') != provenance]:
@@ -274,8 +296,8 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
     try:
         for path in tqdm(paths, desc='images', unit='image', disable=not progress, file=sys.stderr):
             try:
-                row, table = predict_image(model, path, out, s, provenance, overwrite, save_prob, overlap=overlap, tta=tta,
-                                           tiles_per_batch=tiles_per_batch)
+                row, table = predict_image(model, path, out, s, provenance, overwrite, save_prob, pixel_size, scale_to, log,
+                                           overlap=overlap, tta=tta, tiles_per_batch=tiles_per_batch)
                 counts.append(row); beads.append(table)
             except Exception as err:
                 failures.append(message := str(err) if isinstance(err, ValueError) else f'{path}: {type(err).__name__}: {err}')
@@ -286,6 +308,32 @@ def predict(model, # A .keras file, configuration folder or search run folder (o
     write_csv(out/'counts.csv', counts := pd.DataFrame(counts, columns=COUNT_COLUMNS))
     write_csv(out/'beads.csv', pd.concat(beads) if beads else pd.DataFrame(columns=BEAD_COLUMNS))
     return dict(counts=counts, failures=failures, settings=s, out=out, interrupted=interrupted)
+
+# %% ../nbs/13_predict.ipynb #9a1cd3ed
+def rescale_factor(pixel_size:float=None, # The input's micrometres per pixel (None: unknown)
+                   model_pixel_size:float=None, # The model's training pixel size (None: unknown, or rescaling off)
+                   tolerance:float=0.1, # Relative difference predicted as it is
+                  ) -> float:
+    "How much to enlarge an input to the model's scale: its pixel size over the model's, or 1 when either is unknown or they are within `tolerance`."
+    if not (pixel_size and model_pixel_size) or abs(pixel_size / model_pixel_size - 1) <= tolerance: return 1.0
+    return pixel_size / model_pixel_size
+
+def segment_at_scale(model, # A loaded Keras model
+                     image:np.ndarray, # float32 (H, W, C), normalised
+                     s:dict, # `prediction_settings`
+                     factor:float=1.0, # `rescale_factor`
+                     **tiling, # `predict_tiled`'s overlap, tta and tiles_per_batch
+                    ) -> tuple:
+    "(probabilities, labels, split ids) of `image` predicted and segmented at `factor` times its size, on its own (H, W) grid."
+    from skimage.transform import rescale, resize
+    scaled = image if factor == 1 else rescale(image, factor, order=1, channel_axis=-1, anti_aliasing=factor < 1).astype(np.float32)
+    prob = predict_tiled(model, scaled, s['tile_size'], **tiling)
+    labels = segment(prob, s['threshold'], s['shrink'], s['min_size'], s['split_distance'])
+    split = split_beads(labels, prob >= s['threshold'])
+    if factor == 1: return prob, labels, split
+    labels = resize(labels, image.shape[:2], order=0, preserve_range=True, anti_aliasing=False).astype(labels.dtype)
+    split = np.intersect1d(split, labels)  # a bead smaller than a pixel of the input is gone
+    return resize(prob, image.shape[:2], order=1).astype(np.float32), labels, split
 
 # %% ../nbs/13_predict.ipynb #p0514d82
 def seen_in_training(results, # The model's result.json, or a list of them (fold models averaged)
@@ -305,7 +353,7 @@ def score_dataset(model, # A loaded model (or `FoldMean`)
                   s:dict, # `prediction_settings`
                  ) -> dict:
     "The evaluation block of `model` on `samples`, segmented as `predict` segments them (`segment` with the settings `s`)."
-    images, masks, objects = data.load_arrays(samples, shrink=s['shrink'], color=s['color'])
+    images, masks, objects = data.load_arrays(samples, shrink=s['shrink'], color=s['color'], channel=s['channel'])
     probabilities = predict_images(model, images, s['tile_size'])  # `predict_tiled`, as predict
     beads = [segment(p, s['threshold'], s['shrink'], s['min_size'], s['split_distance']) for p in probabilities]
     return score_predictions(probabilities, masks, objects, [x.stem for x in samples], s['shrink'], s['threshold'], beads)
@@ -313,7 +361,7 @@ def score_dataset(model, # A loaded model (or `FoldMean`)
 def evaluate_model(model, # A .keras file, configuration folder, search or confirmation run folder
                    dataset, # A labelled folder: images/, masks/ (and optionally labels/)
                    out=None, # Folder for evaluation.json; default the model's configuration folder (a confirmation: its run folder)
-                   color:str=None, shrink:int=None, mask_suffix:str=None, # Default: as trained (result.json)
+                   color:str=None, shrink:int=None, mask_suffix:str=None, channel:int=None, # Default: as trained (result.json)
                    threshold:float=None, min_size:int=None, split_distance:int=None, # Postprocessing; default: chosen at training (result.json), as `predict`
                    fold:str='mean', # A confirmation run: 'mean' averages its winner's fold models, 'best' takes its best fold's
                    log=print, # Where a warning goes
@@ -321,7 +369,7 @@ def evaluate_model(model, # A .keras file, configuration folder, search or confi
     "Score `model` on `dataset` as `predict` segments it; writes evaluation.json and a per-image CSV."
     paths, results, home = find_models(model, fold)
     loaded, result = load_models(paths, results)
-    s = prediction_settings(result, color=color, shrink=shrink, threshold=threshold, min_size=min_size, split_distance=split_distance)
+    s = prediction_settings(result, color=color, channel=channel, shrink=shrink, threshold=threshold, min_size=min_size, split_distance=split_distance)
     check_settings(s, loaded.input_shape[-1])
     suffix = mask_suffix if mask_suffix is not None else (result.get('config') or {}).get('mask_suffix', '')
     samples, problems = data.match_files(dataset, suffix)
@@ -332,7 +380,7 @@ def evaluate_model(model, # A .keras file, configuration folder, search or confi
     recorded = result.get('postprocessing') or {}
     source = lambda k, given: 'given' if given is not None else recorded.get('chosen_on', 'result.json') if recorded.get(k) is not None else 'default'
     evaluation = dict(score_dataset(loaded, samples, s), model=str(paths[0] if len(paths) == 1 else home), dataset=str(dataset),
-                      color=s['color'], shrink=s['shrink'], min_size=s['min_size'],
+                      color=s['color'], channel=s['channel'], shrink=s['shrink'], min_size=s['min_size'],
                       postprocessing=dict(threshold=s['threshold'], min_size=s['min_size'], split_distance=s['split_distance'],
                                           threshold_from=source('threshold', threshold),
                                           min_size_from=source('min_size', min_size)),

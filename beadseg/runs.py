@@ -132,7 +132,7 @@ def record_failure(out_dir, config:dict, config_id:str, error:str) -> dict:
 
 # %% ../nbs/14_runs.ipynb #0225443f
 PARAMETERS = ('architecture', 'batch_size', 'loss_function', 'dropout', 'learning_rate', 'patience', 'max_epochs',
-              'image_size', 'base_filters', 'dataset', 'mask_suffix', 'color', 'shrink', 'val_split', 'seed',
+              'image_size', 'base_filters', 'dataset', 'mask_suffix', 'color', 'channel', 'pixel_size', 'shrink', 'val_split', 'seed',
               'augment', 'out_dir', 'micro_batch_size', 'mixed_precision', 'jit_compile', 'tensorboard')
 
 def config_from_settings(settings:dict, # As `load_settings` returns
@@ -143,7 +143,7 @@ def config_from_settings(settings:dict, # As `load_settings` returns
     config = dict(architecture=s['architectures'][0], batch_size=s['batch_sizes'][0], loss_function=s['loss_functions'][0],
                   **{k: t[k] for k in ('dropout', 'learning_rate', 'patience', 'max_epochs', 'base_filters',
                                        'micro_batch_size', 'mixed_precision', 'jit_compile', 'tensorboard')},
-                  **{k: d[k] for k in ('dataset', 'mask_suffix', 'color', 'shrink', 'image_size', 'val_split', 'seed', 'augment')},
+                  **{k: d[k] for k in ('dataset', 'mask_suffix', 'color', 'channel', 'pixel_size', 'shrink', 'image_size', 'val_split', 'seed', 'augment')},
                   out_dir=None)
     config.update(choices)
     return {k: config[k] for k in PARAMETERS}

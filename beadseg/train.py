@@ -207,11 +207,11 @@ def predict_images(model, # A Keras segmentation model
     return [predict_tiled(model, image, tile_size, **kwargs) for image in images]
 
 # %% ../nbs/03_train.ipynb #48c0cff8
-def evaluate(model, samples:list, shrink:int=0, color='gray',
+def evaluate(model, samples:list, shrink:int=0, color='gray', channel:int=None,
              tile_size:int=512, # Tile side for `predict_images`: the training crop size, as `beadseg predict` defaults to
             ) -> tuple[dict, list]:
     "Score `model` on whole validation `samples`; returns the evaluation block and the probabilities."
-    return evaluate_arrays(model, *data.load_arrays(samples, shrink=shrink, color=color), [s.stem for s in samples], shrink,
+    return evaluate_arrays(model, *data.load_arrays(samples, shrink=shrink, color=color, channel=channel), [s.stem for s in samples], shrink,
                            tile_size)
 
 def evaluate_arrays(model, images:list, masks:list, objects:list, names:list, shrink:int=0, tile_size:int=512) -> tuple[dict, list]:
@@ -257,7 +257,7 @@ def prepare_data(config:dict, # The configuration
                                     summary=summary)
         if not quiet: print(f"dataset validated when the search was planned ({summary['n_images']} images); split: {split_file}")
     else:
-        report = data.check_dataset(config['dataset'], config['image_size'], config['mask_suffix'], config['color'])
+        report = data.check_dataset(config['dataset'], config['image_size'], config['mask_suffix'], config['color'], config['channel'])
         if not quiet: print(report.table())
     train_stems, val_stems = stems or data.split_report(report, config['val_split'], config['seed'], split_file)
     by_stem = {s.stem: s for s in report.samples}
@@ -325,7 +325,7 @@ def fit_resumably(config:dict, # The configuration
     seed_everything(config['seed'])
     ds = lambda samples, training, **epochs: pipeline.make_dataset(
         samples, config['image_size'], micro_batch, training=training, augment=config['augment'], seed=config['seed'],
-        shrink=config['shrink'], color=config['color'], crops_per_image=crops if training else 1, **epochs)
+        shrink=config['shrink'], color=config['color'], channel=config['channel'], crops_per_image=crops if training else 1, **epochs)
     val_ds = ds(val_samples, False)
     model, initial_epoch = build_or_resume(config, out_dir, val_ds.element_spec[0].shape[-1], micro_batch)
     if initial_epoch: print(f'Resuming after epoch {initial_epoch}.')
@@ -424,7 +424,7 @@ def score_best(config:dict, # The configuration
               ) -> dict:
     "The best model's evaluation on the whole validation images, the postprocessing chosen on them, and their panel."
     phase('evaluating')
-    images, masks, objects = data.load_arrays(val_samples, shrink=config['shrink'], color=config['color'])  # read once
+    images, masks, objects = data.load_arrays(val_samples, shrink=config['shrink'], color=config['color'], channel=config['channel'])  # read once
     names = [s.stem for s in val_samples]
     model = keras.models.load_model(out_dir/'model.keras')
     model.jit_compile = xla_on(config['jit_compile'])  # as configured now, not as saved
@@ -445,6 +445,7 @@ def fit_and_score(config:dict, # The configuration, checked
     "`train`'s work: the data, the fit, what it recorded and the evaluation, into `result`; without XLA when XLA cannot compile."
     report, train_samples, val_samples = prepare_data(config, out_dir)
     result['dataset_summary'], crops = report.summary, crops_per_image(report.summary, config['image_size'])
+    result['pixel_size'] = config.get('pixel_size') or report.summary.get('pixel_size')  # um per pixel: the setting, the images' own, or None
     fit = lambda c: fit_within_memory(c, out_dir, train_samples, val_samples, crops, (term, *callbacks), verbose, epoch_budget)
     result['params'], best, nan, result['micro_batch_size'] = without_xla_on_failure(fit, config, result)
     result.update(training_facts(config, out_dir, best, nan, len(train_samples) * crops, epoch_budget))

@@ -8,7 +8,7 @@ from conftest import edited_settings
 
 def test_project_settings_hold_the_seed_defaults():
     s = read_settings(PROJECT_SETTINGS)
-    assert s['data'] == dict(dataset='dataset_shrunk_masks', test_dataset='', mask_suffix='', color='gray', shrink=2, image_size=512,
+    assert s['data'] == dict(dataset='dataset_shrunk_masks', test_dataset='', mask_suffix='', color='gray', shrink=2, channel=None, pixel_size=None, image_size=512,
                              val_split=0.15, seed=42, augment=True)
     assert s['train'] == dict(learning_rate=5e-5, patience=30, max_epochs=200, dropout=0.3, base_filters=64, micro_batch_size=0,
                               mixed_precision='auto', jit_compile='auto', tensorboard=True)

@@ -146,7 +146,7 @@ def broken(beads, tmp_path_factory):
         f'{msk}/bead_005.tif: mask values are neither binary nor integer labels (found 0.5)',
         f'{msk}/bead_006.tif: mask values are neither binary nor integer labels (found -1)',
         f'{img}/bead_007.tif: image is 32x48, smaller than image_size 64',
-        f'{img}/bead_011.tif: expected a grayscale or RGB image, found shape (128, 128, 2)',
+        f'{img}/bead_011.tif: a stack of 128 planes (shape (128, 128, 2), axes QYX); set [data] channel (or --channel) to the plane to use',
         f'{img}/bead_012.tif: 11 pixel values are NaN or infinite',
         f'{msk}/bead_013.tif: mask values are neither binary nor instance labels: ',  # the rest names the counts
         f'{msk}/bead_014.tif: mask values are neither binary nor instance labels: ',
