@@ -169,6 +169,7 @@ def write_confirmation(run_dir:Path, # A confirmation run folder
         fold_scores={f'fold_{k}': v for k, v in folds.items()},
         runner_up=None if runner_up is None else runner_up.config_id, comparison=summary['comparison'],
         statement=summary['statement'], parent=json.loads((run_dir/CONFIRM_FILE).read_text())['parent'],
+        pixel_size=result.get('pixel_size'),  # um per pixel the model learnt at; None: unknown
         model_config_id=model,  # what `beadseg predict --fold best` uses: the winner's model of its best fold
         fold_model_config_ids=plan[plan.finalist == winner.config_id].sort_values('fold').config_id.tolist(),  # averaged by default
         postprocessing=result.get('postprocessing'), configuration=result['config']))

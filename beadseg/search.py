@@ -43,6 +43,7 @@ def write_best(run_dir:Path, # A search run folder
         best_val_jaccard=best[SCORE].iloc[0], best_epoch=best.best_epoch.iloc[0], **pooled,
         evaluation={k: v for k, v in (result.get('evaluation') or {}).items() if k != 'per_image'},
         postprocessing=result.get('postprocessing'),  # the threshold and smallest bead `beadseg predict` uses
+        pixel_size=result.get('pixel_size'),  # um per pixel the model learnt at (predict rescales inputs to it); None: unknown
         configuration=result['config']))
 
 def collect(run_dir, # A search run folder

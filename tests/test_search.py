@@ -84,6 +84,7 @@ def test_search_writes_every_file_and_records_the_failure(search_run):
     assert final.object_f1[0] == pytest.approx(result['evaluation']['object_f1'])
     best = json.loads((run/'best_hyperparameters.json').read_text())
     assert best['config_id'] == ids[0] and best['batch_size'] == 4
+    assert 'pixel_size' in best and best['pixel_size'] == result['pixel_size']  # None here: synthetic images carry no calibration
     log = (run/'search.log').read_text()
     assert f'start {ids[0]}' in log and f'finish {ids[1]}: failed' in log and 'Epoch 2/2' in log
 
