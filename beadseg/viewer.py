@@ -9,7 +9,7 @@ __all__ = ['LABELS_SUFFIX', 'labels_files', 'prediction_layers', 'get_reader']
 from pathlib import Path
 import pandas as pd
 import tifffile
-from .data import read_pixels, tiff_record
+from .data import read_pixel_size, read_pixels, tiff_record
 
 # %% ../nbs/28_viewer.ipynb #395cbae0
 LABELS_SUFFIX = '_labels.tif'
@@ -27,11 +27,12 @@ def prediction_layers(path, # A predictions folder, or one `<name>_labels.tif` i
     beads = pd.read_csv(folder/'beads.csv') if (folder/'beads.csv').is_file() else pd.DataFrame(columns=['image', 'label'])
     layers = []
     for file in files:
-        name, source = file.name[:-len(LABELS_SUFFIX)], tiff_record(file).get('image')
-        if source and Path(source).is_file(): layers.append((read_pixels(source), dict(name=name), 'image'))
+        name, source, px = file.name[:-len(LABELS_SUFFIX)], tiff_record(file).get('image'), read_pixel_size(file)
+        scale = dict(scale=(px, px)) if px else {}  # calibrated labels: napari's rulers and coordinates in um
+        if source and Path(source).is_file(): layers.append((read_pixels(source), dict(name=name, **scale), 'image'))
         rows = beads[beads.image.astype(str) == name].sort_values('label')
         features = rows.drop(columns='image').reset_index(drop=True)
-        layers.append((tifffile.imread(file), dict(name=f'{name} beads', features=features.assign(index=features.label)), 'labels'))
+        layers.append((tifffile.imread(file), dict(name=f'{name} beads', features=features.assign(index=features.label), **scale), 'labels'))
     return layers
 
 # %% ../nbs/28_viewer.ipynb #c4ba28ac
