@@ -9,7 +9,7 @@ __all__ = ['COMMANDS', 'MAX_SYNTH_SIZE', 'BENCH_DEFAULTS', 'QuietImport', 'Quiet
            'run_planned', 'add_search_arguments', 'dataset_ready', 'summarise', 'search_command', 'add_run_dir',
            'add_run_one_arguments', 'run_one_command', 'add_run_rung_arguments', 'run_rung_command', 'collect_command',
            'add_confirm_arguments', 'confirm_command', 'add_submit_arguments', 'submit_command', 'add_report_arguments',
-           'report_command', 'add_model_argument', 'given', 'add_predict_arguments', 'add_fold_argument',
+           'report_command', 'add_model_argument', 'given', 'add_predict_arguments', 'add_model_use_arguments',
            'predict_command', 'add_evaluate_arguments', 'evaluate_command', 'add_synth_arguments', 'synth_command',
            'validate_command', 'view_command', 'add_demo_arguments', 'demo_command', 'add_bench_arguments',
            'bench_command', 'halving_bench_command', 'pipeline_command', 'compile_command']
@@ -398,13 +398,13 @@ def add_predict_arguments(parser):
     parser.add_argument('--save-prob', action='store_true', help='also write <name>_prob.tif (float32 probabilities)')
     parser.add_argument('--rois', action='store_true', help="also write <name>_rois.zip: each bead's outline, an ImageJ ROI for Fiji's ROI Manager")
     parser.add_argument('--geojson', action='store_true', help='also write <name>.geojson: each bead a QuPath detection with its measurements')
-    parser.add_argument('--no-rescale', action='store_true', help="predict inputs whose pixel size differs from the model's by more than 10 %% as they are, not rescaled to its scale")
     parser.add_argument('--overwrite', action='store_true', help='predict inputs whose outputs already exist again')
     parser.add_argument('--tiles-per-batch', type=int, help='tiles per model call (default: as many as hold 1024 x 1024 pixels)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
-    add_fold_argument(parser)
+    add_model_use_arguments(parser)
 
-def add_fold_argument(parser):
+def add_model_use_arguments(parser):  # predict's and evaluate's: a confirmation run's folds, inputs at another pixel size
+    parser.add_argument('--no-rescale', action='store_true', help="use inputs whose pixel size differs from the model's by more than 10 %% as they are, not rescaled to its scale")
     parser.add_argument('--fold', choices=('mean', 'best'), default='mean', help="a confirmation run: average the winner's fold models (mean, default) or take its best fold's (best)")
 
 @command('predict', 'segment and count beads in new images with a trained model', add_predict_arguments)
@@ -435,7 +435,7 @@ def add_evaluate_arguments(parser):
     parser.add_argument('--threshold', type=float, help='probability threshold (default: chosen at training, as predict; else 0.5)')
     parser.add_argument('--min-size', type=int, help='smallest bead kept, in pixels (default: chosen at training, as predict; else 0)')
     parser.add_argument('--split-distance', type=int, help='fewest pixels between bead centres cut out of one clump; 0: off (default: as predict)')
-    add_fold_argument(parser)
+    add_model_use_arguments(parser)
 
 @command('evaluate', 'score a model on a held-out labelled test set', add_evaluate_arguments)
 def evaluate_command(args):
@@ -448,7 +448,7 @@ def evaluate_command(args):
         print(f'beadseg evaluate: test scores of {len(table)} configurations in {Path(args.model)/"test_results.csv"}')
         return
     e = evaluate_model(args.model, args.dataset, args.out, **given(args, 'color', 'channel', 'shrink', 'mask_suffix'), threshold=args.threshold,
-                       min_size=args.min_size, split_distance=args.split_distance, fold=args.fold, log=lambda line: print(line, file=sys.stderr))
+                       min_size=args.min_size, split_distance=args.split_distance, fold=args.fold, rescale=not args.no_rescale, log=lambda line: print(line, file=sys.stderr))
     print(evaluation_lines(e))
 
 # %% ../nbs/11_cli.ipynb #2663128d

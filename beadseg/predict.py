@@ -20,7 +20,6 @@ from . import data
 from .runs import atomic_write, is_confirmation, read_json, read_result, write_json, write_csv
 from .inference import predict_tiled, segment, split_beads
 from .metrics import score_predictions
-from .train import predict_images
 
 # %% ../nbs/13_predict.ipynb #p027f034
 def find_model(source, # A .keras file, a configuration folder or a search run folder
@@ -351,11 +350,15 @@ def seen_in_training(results, # The model's result.json, or a list of them (fold
 def score_dataset(model, # A loaded model (or `FoldMean`)
                   samples:list, # The labelled pairs
                   s:dict, # `prediction_settings`
+                  scale_to:float=None, # The model's training pixel size, to rescale to (None: no rescaling)
+                  log=print, # Where the line about rescaling goes
                  ) -> dict:
-    "The evaluation block of `model` on `samples`, segmented as `predict` segments them (`segment` with the settings `s`)."
+    "The evaluation block of `model` on `samples`, segmented as `predict` segments them (`segment_at_scale` with the settings `s`)."
     images, masks, objects = data.load_arrays(samples, shrink=s['shrink'], color=s['color'], channel=s['channel'])
-    probabilities = predict_images(model, images, s['tile_size'])  # `predict_tiled`, as predict
-    beads = [segment(p, s['threshold'], s['shrink'], s['min_size'], s['split_distance']) for p in probabilities]
+    factors = [rescale_factor(data.read_pixel_size(x.image), scale_to) for x in samples]
+    if rescaled := sum(f != 1 for f in factors):
+        log(f"{rescaled} of {len(samples)} images rescaled to the model's {scale_to:g} um per pixel, as predict does (--no-rescale: as they are)")
+    probabilities, beads, _ = zip(*[segment_at_scale(model, image, s, f) for image, f in zip(images, factors)]) if images else ([], [], [])
     return score_predictions(probabilities, masks, objects, [x.stem for x in samples], s['shrink'], s['threshold'], beads)
 
 def evaluate_model(model, # A .keras file, configuration folder, search or confirmation run folder
@@ -364,6 +367,7 @@ def evaluate_model(model, # A .keras file, configuration folder, search or confi
                    color:str=None, shrink:int=None, mask_suffix:str=None, channel:int=None, # Default: as trained (result.json)
                    threshold:float=None, min_size:int=None, split_distance:int=None, # Postprocessing; default: chosen at training (result.json), as `predict`
                    fold:str='mean', # A confirmation run: 'mean' averages its winner's fold models, 'best' takes its best fold's
+                   rescale:bool=True, # Rescale images over 10 % off the model's pixel size to it, as `predict`
                    log=print, # Where a warning goes
                   ) -> dict:
     "Score `model` on `dataset` as `predict` segments it; writes evaluation.json and a per-image CSV."
@@ -379,7 +383,7 @@ def evaluate_model(model, # A .keras file, configuration folder, search or confi
         log(f'warning: {trained_on} of these {len(samples)} images trained this model; its scores on them are optimistic')
     recorded = result.get('postprocessing') or {}
     source = lambda k, given: 'given' if given is not None else recorded.get('chosen_on', 'result.json') if recorded.get(k) is not None else 'default'
-    evaluation = dict(score_dataset(loaded, samples, s), model=str(paths[0] if len(paths) == 1 else home), dataset=str(dataset),
+    evaluation = dict(score_dataset(loaded, samples, s, rescale and result.get('pixel_size'), log), model=str(paths[0] if len(paths) == 1 else home), dataset=str(dataset),
                       color=s['color'], channel=s['channel'], shrink=s['shrink'], min_size=s['min_size'],
                       postprocessing=dict(threshold=s['threshold'], min_size=s['min_size'], split_distance=s['split_distance'],
                                           threshold_from=source('threshold', threshold),

@@ -86,6 +86,14 @@ def test_an_image_at_a_third_of_the_magnification_is_rescaled_to_the_models_scal
     assert any('rescaled by' in line for line in lines), lines
     assert tifffile.imread(tmp_path/'rescaled'/'binned_labels.tif').shape == binned.shape  # on the input's own grid
     assert rescaled.pixel_size_um[0] == pytest.approx(3.0)
+    # evaluate rescales as predict does: on a test set of that image (labels binned by nearest neighbour) it counts predict's beads
+    from beadseg.predict import evaluate_model
+    for kind, array in (('images', binned), ('labels', true_labels[1::3, 1::3]), ('masks', true_labels[1::3, 1::3] > 0)):
+        (tmp_path/'test'/kind).mkdir(parents=True)
+        tifffile.imwrite(tmp_path/'test'/kind/'binned.tif', array.astype(np.uint16), imagej=True, resolution=(1 / 3, 1 / 3), metadata={'unit': 'um'})
+    lines.clear()
+    scored = evaluate_model(run, tmp_path/'test', tmp_path/'evaluation', log=lines.append)
+    assert scored['per_image'][0]['predicted_count'] == rescaled.bead_count[0] and any('rescaled to the model' in line for line in lines), lines
 
 
 def test_labels_come_back_at_the_original_size(trained, tmp_path):
