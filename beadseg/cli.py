@@ -11,8 +11,9 @@ __all__ = ['COMMANDS', 'MAX_SYNTH_SIZE', 'BENCH_DEFAULTS', 'QuietImport', 'Quiet
            'add_confirm_arguments', 'confirm_command', 'add_submit_arguments', 'submit_command', 'add_report_arguments',
            'report_command', 'add_model_argument', 'given', 'add_predict_arguments', 'add_model_use_arguments',
            'predict_command', 'add_evaluate_arguments', 'evaluate_command', 'add_synth_arguments', 'synth_command',
-           'validate_command', 'view_command', 'add_demo_arguments', 'demo_command', 'add_bench_arguments',
-           'bench_command', 'halving_bench_command', 'pipeline_command', 'compile_command']
+           'validate_command', 'view_command', 'add_export_arguments', 'export_command', 'add_demo_arguments',
+           'demo_command', 'add_bench_arguments', 'bench_command', 'halving_bench_command', 'pipeline_command',
+           'compile_command']
 
 # %% ../nbs/11_cli.ipynb #f20c4bb7
 import argparse, importlib.abc, importlib.util, os, shlex, sys, tempfile
@@ -76,8 +77,7 @@ def show_settings(args):
     print(format_settings(settings_from_args(args)), end='')
 
 # %% ../nbs/11_cli.ipynb #cc054cba
-@command('models', 'print the parameter counts of the architectures',
-         lambda p: p.add_argument('--channels', type=int, default=1, help='input channels (default 1)'))
+@command('models', 'print the parameter counts of the architectures', lambda p: p.add_argument('--channels', type=int, default=1, help='input channels (default 1)'))
 def show_models(args):
     "Print the parameter counts of every architecture at the configured image size and base filters."
     from beadseg.config import check_model_args
@@ -189,8 +189,7 @@ def run_planned(name:str, # The command, for its messages: 'search' or 'confirm'
     from beadseg.runs import ended_as_planned
     from beadseg.search import run_search
     s = settings['search']
-    table = run_search(run_dir, s['workers'], s['timeout'], progress=not args.no_progress, retries=s['retries'],
-                              retry_failed=getattr(args, 'retry_failed', False))
+    table = run_search(run_dir, s['workers'], s['timeout'], progress=not args.no_progress, retries=s['retries'], retry_failed=getattr(args, 'retry_failed', False))
     print(f'beadseg {name}: {run_dir}: {summarise(table)}')
     print(f'  ranked results: {run_dir}/search_results_final.csv; log: {run_dir}/search.log')
     if summary := after_collect(run_dir):
@@ -212,8 +211,7 @@ def add_search_arguments(parser):
     parser.add_argument('--resume', metavar='RUN_DIR', help='continue this run (with its own settings.ini)')
     parser.add_argument('--synthetic', action='store_true', help='generate synthetic beads at the dataset path if it has no dataset')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
-    parser.add_argument('--retry-failed', action='store_true',
-                        help='with --resume: also run failed configurations again (crashed and interrupted ones always are)')
+    parser.add_argument('--retry-failed', action='store_true', help='with --resume: also run failed configurations again (crashed and interrupted ones always are)')
 
 def dataset_ready(settings:dict, # The merged settings
                   synthetic=False, # Generate synthetic beads where no dataset is
@@ -271,8 +269,7 @@ def add_run_one_arguments(parser):
     add_run_dir(parser)
     parser.add_argument('--index', type=int, required=True, help='the configuration\'s row in plan.csv')
     parser.add_argument('--retry-failed', action='store_true', help='train it again if it failed (crashed and interrupted ones always resume)')
-    parser.add_argument('--epoch-budget', type=int, default=0, metavar='N',
-                        help='pause it after epoch N, resumably (a halving rung; default: train to max_epochs)')
+    parser.add_argument('--epoch-budget', type=int, default=0, metavar='N', help='pause it after epoch N, resumably (a halving rung; default: train to max_epochs)')
 
 @command('run-one', 'train configuration K of a planned run (what scheduler array tasks call)', add_run_one_arguments)
 def run_one_command(args):
@@ -280,8 +277,7 @@ def run_one_command(args):
     from beadseg.execute import run_config
     config = config_for(args.run_dir, args.index)
     settings = read_settings(Path(args.run_dir)/'settings.ini')
-    result = run_config(config, settings['search']['timeout'], stdout_log(), settings['search']['retries'], args.retry_failed,
-                               args.epoch_budget)
+    result = run_config(config, settings['search']['timeout'], stdout_log(), settings['search']['retries'], args.retry_failed, args.epoch_budget)
     print(f"beadseg run-one: {run_config_id(config)}: {result['status']}" + (f": {result['error']}" if result.get('error') else ''))
     return exit_status(result, args.epoch_budget)  # non-zero unless scored, so the scheduler shows a failed subjob as failed
 
@@ -291,8 +287,7 @@ def add_run_rung_arguments(parser):
     parser.add_argument('--slot', type=int, required=True, help="the worker's slot in the rung (its array index)")
     parser.add_argument('--retry-failed', action='store_true', help='train it again if it failed')
 
-@command('run-rung', 'train the configuration in slot I of rung K of a halving run, decided from rung K-1 (what rung array tasks call)',
-         add_run_rung_arguments)
+@command('run-rung', 'train the configuration in slot I of rung K of a halving run, decided from rung K-1 (what rung array tasks call)', add_run_rung_arguments)
 def run_rung_command(args):
     from beadseg import halving
     if not halving.is_halving(args.run_dir):
@@ -319,8 +314,7 @@ def add_confirm_arguments(parser):
     "`beadseg confirm`'s own arguments (settings flags override the parent's settings.ini)."
     add_run_dir(parser)
     parser.add_argument('--top', type=int, default=3, help='how many of its best configurations to confirm (default 3)')
-    parser.add_argument('--folds', type=int, default=5,
-                        help='density-stratified folds of the whole dataset; each validates a different part (default 5)')
+    parser.add_argument('--folds', type=int, default=5, help='density-stratified folds of the whole dataset; each validates a different part (default 5)')
     parser.add_argument('--plan-only', action='store_true', help='create the confirmation run, train nothing (then `beadseg submit` it)')
     parser.add_argument('--no-progress', action='store_true', help='no progress bar')
 
@@ -335,8 +329,7 @@ def confirm_command(args):
     settings = settings_from_args(args)
     checked_plan(settings, plan)
     run_dir = create_confirmation(parent, settings, plan, dataset_ready(validation_settings(settings, plan)))
-    print(f'beadseg confirm: {args.top} finalists of {parent} on {args.folds} folds: {len(plan)} configurations planned in {run_dir}',
-          flush=True)
+    print(f'beadseg confirm: {args.top} finalists of {parent} on {args.folds} folds: {len(plan)} configurations planned in {run_dir}', flush=True)
     if not args.plan_only: return run_planned('confirm', run_dir, settings, args)
 
 # %% ../nbs/11_cli.ipynb #9e2816f5
@@ -347,16 +340,14 @@ def add_submit_arguments(parser):
     parser.add_argument('--mode', choices=('array', 'sequential'), default='array',
                         help='array: one configuration per subjob and a summary job (default); sequential: the whole search in one job')
     parser.add_argument('--only-unfinished', action='store_true', help='array over the configurations without a finished result only')
-    parser.add_argument('--retry-failed', action='store_true',
-                        help='train failed configurations again too (crashed and interrupted ones always are)')
+    parser.add_argument('--retry-failed', action='store_true', help='train failed configurations again too (crashed and interrupted ones always are)')
     parser.add_argument('--dry-run', action='store_true', help='write the job scripts and print the submit commands, submit nothing')
 
 @command('submit', 'write PBS/Torque/Slurm job scripts for a run and submit them', add_submit_arguments)
 def submit_command(args):
     "Write and submit the job scripts of a run."
     from beadseg.hpc import submit
-    return submit(args.run_dir, args.scheduler, settings_from_args(args), args.mode, args.only_unfinished, args.dry_run,
-                  args.retry_failed)
+    return submit(args.run_dir, args.scheduler, settings_from_args(args), args.mode, args.only_unfinished, args.dry_run, args.retry_failed)
 
 # %% ../nbs/11_cli.ipynb #0141e4cb
 def add_report_arguments(parser):
@@ -498,6 +489,19 @@ def view_command(args):
     napari.Viewer().open(args.folder, plugin='beadseg')
     napari.run()
 
+# %% ../nbs/11_cli.ipynb #d98853e8
+def add_export_arguments(parser):
+    add_model_argument(parser)
+    parser.add_argument('--out', required=True, help='the package: a .zip file, or a folder')
+    parser.add_argument('--image', help="the test image (default: the configuration's first validation image)")
+    parser.add_argument('--author', action='append', help='an author of the package, repeatable (default: beadseg developers)')
+    parser.add_argument('--license', default='CC-BY-4.0', help='SPDX licence id of the package (default CC-BY-4.0)')
+
+@command('export', 'write a trained model as a bioimage.io model package (format 0.5) for bioimage.io tools (extra: beadseg[export])', add_export_arguments)
+def export_command(args):
+    from beadseg.export import export
+    print(f'beadseg export: {export(args.model, args.out, args.image, args.author, args.license)}: a bioimage.io model package, validated')
+
 # %% ../nbs/11_cli.ipynb #0467f223
 def add_demo_arguments(parser):
     parser.add_argument('--out', default='runs', help='folder for the demo dataset and run (default: runs/)')
@@ -523,15 +527,11 @@ def add_bench_arguments(parser):
     parser.add_argument('--no-reference', action='store_true', help='skip the in-memory reference (no ratio)')
     parser.add_argument('--no-overhead', action='store_true', help='skip timing a papermill kernel start')
     parser.add_argument('--out', help='CSV file (default runs/bench_<time>.csv)')
-    parser.add_argument('--pipeline-cores', action='store_true',
-                        help="only the augmenting input pipeline, with 1, 2 and all cores, at --image-size (default the settings', 512)")
-    parser.add_argument('--compile-cache', action='store_true',
-                        help='only the first (compiling) training step with XLA: without a cache, with an empty and a filled one')
-    parser.add_argument('--halving', action='store_true',
-                        help='only successive halving against a full grid on the same space, in one run (see bench.HALVING_BENCH); '
+    parser.add_argument('--pipeline-cores', action='store_true', help="only the augmenting input pipeline, with 1, 2 and all cores, at --image-size (default the settings', 512)")
+    parser.add_argument('--compile-cache', action='store_true', help='only the first (compiling) training step with XLA: without a cache, with an empty and a filled one')
+    parser.add_argument('--halving', action='store_true', help='only successive halving against a full grid on the same space, in one run (see bench.HALVING_BENCH); '
                              '--out is then the folder for both run folders (default runs/bench_halving_<time>)')
-    parser.add_argument('--gpu-rate', type=float, default=300.,
-                        help='with --pipeline-cores: the GPU training rate (images/s) the cores must feed (default 300)')
+    parser.add_argument('--gpu-rate', type=float, default=300., help='with --pipeline-cores: the GPU training rate (images/s) the cores must feed (default 300)')
 
 @command('bench', 'measure training throughput, the input pipeline, memory and FLOPs', add_bench_arguments)
 def bench_command(args):

@@ -442,3 +442,22 @@ def test_outputs_record_what_made_them_and_ctrl_c_keeps_the_tables_of_the_images
     refused = run_beadseg('predict', run, tmp_path/'in'/'copy_00.tif', '--out', out, '--threshold', '1.5')  # 13_predict: the others
     assert refused.returncode == 2 and refused.stderr.strip() == ('beadseg predict: error: threshold 1.5: must be a probability '
                                                                  'strictly between 0 and 1'), refused.stderr
+
+
+def test_export_writes_a_bioimageio_package_that_bioimageio_core_runs(trained, tmp_path):
+    """Issue 25: `beadseg export` of the trained configuration gives a bioimage.io 0.5 package that bioimageio.spec validates and
+    whose test input bioimageio.core runs through both weight formats to the expected output; a missing model is one line."""
+    from bioimageio.core import test_description
+    from bioimageio.spec import load_description
+    run, beads, result = trained
+    done = run_beadseg('export', run, '--out', tmp_path/'beads.zip', '--author', 'A. Researcher')
+    assert done.returncode == 0 and f"{tmp_path/'beads.zip'}: a bioimage.io model package" in done.stdout, done.stderr
+    described = load_description(tmp_path/'beads.zip')
+    assert described.validation_summary.status == 'valid-format' and [a.name for a in described.authors] == ['A. Researcher']
+    import zipfile
+    with zipfile.ZipFile(tmp_path/'beads.zip') as z: readme = z.read('README.md').decode()
+    assert f"validation Jaccard {result['evaluation']['jaccard']:.3f}" in readme and 'unet' in readme, readme
+    assert [test_description(tmp_path/'beads.zip', weight_format=w).status for w in ('keras_v3', 'keras_hdf5')] == ['passed', 'passed']
+    bad = run_beadseg('export', tmp_path/'nothing', '--out', tmp_path/'x.zip')
+    assert bad.returncode == 2 and 'Traceback' not in bad.stderr and bad.stderr.strip() == (
+        f"beadseg export: error: {tmp_path/'nothing'}: no such model: give a .keras file, a configuration folder or a search run folder")
