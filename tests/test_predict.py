@@ -444,9 +444,12 @@ def test_outputs_record_what_made_them_and_ctrl_c_keeps_the_tables_of_the_images
                                                                  'strictly between 0 and 1'), refused.stderr
 
 
-def test_export_writes_a_bioimageio_package_that_bioimageio_core_runs(trained, tmp_path):
+def test_export_writes_a_bioimageio_package_that_bioimageio_core_runs(trained, tmp_path, monkeypatch):
     """Issue 25: `beadseg export` of the trained configuration gives a bioimage.io 0.5 package that bioimageio.spec validates and
-    whose test input bioimageio.core runs through both weight formats to the expected output; a missing model is one line."""
+    whose test input bioimageio.core runs through both weight formats to the expected output; a missing model is one line.
+    bioimageio.core sets KERAS_BACKEND (to torch unless it is set) in os.environ when it loads Keras weights: set here, and
+    restored after the test, so that the later subprocesses of this pytest worker keep Keras on TensorFlow."""
+    monkeypatch.setenv('KERAS_BACKEND', 'tensorflow')
     from bioimageio.core import test_description
     from bioimageio.spec import load_description
     run, beads, result = trained
