@@ -6,7 +6,7 @@
 __all__ = ['UNET', 'plain_network', 'test_tensors', 'documentation', 'package_description', 'export', 'write_package',
            'validation_image']
 
-# %% ../nbs/29_export.ipynb #4194f53c
+# %% ../nbs/29_export.ipynb #6a0f5df2
 import json, tempfile
 from pathlib import Path
 import numpy as np
@@ -15,7 +15,7 @@ from . import data
 from .inference import segment
 from .predict import find_model, load_model, overlay, prediction_settings
 
-# %% ../nbs/29_export.ipynb #2bfeb9ec
+# %% ../nbs/29_export.ipynb #b4a402bd
 def plain_network(model):
     "`model`'s network with its weights and without its compiled loss and metrics (which need beadseg to load)."
     import keras
@@ -23,7 +23,7 @@ def plain_network(model):
     plain.set_weights(model.get_weights())
     return plain
 
-# %% ../nbs/29_export.ipynb #22505caf
+# %% ../nbs/29_export.ipynb #d8b65444
 def test_tensors(model, # The plain network
                  image, # An image file
                  s:dict, # `prediction_settings` of the model
@@ -38,7 +38,7 @@ def test_tensors(model, # The plain network
     crop = pixels[top:top + h, left:left + w][None]
     return crop, model.predict(data.normalise(crop), verbose=0).astype(np.float32)
 
-# %% ../nbs/29_export.ipynb #6992a246
+# %% ../nbs/29_export.ipynb #398006db
 def documentation(result:dict, # The configuration's result.json
                   formats:list, # Weight formats written
                  ) -> str:
@@ -48,7 +48,7 @@ def documentation(result:dict, # The configuration's result.json
     scores = (f"- validation Jaccard {e['jaccard']:.3f}{ci('jaccard')}, Dice {e['dice']:.3f}, object F1 {e['object_f1']:.3f}{ci('object_f1')} "
               f"on {e.get('n_images')} validation images (threshold 0.5)" if 'jaccard' in e else '- no evaluation recorded')
     return '\n'.join([f"# beadseg {result.get('config_id', 'model')}", '',
-        'A U-Net-family model from [beadseg](https://github.com/) that segments microbeads: its output is the probability of bead per pixel.', '',
+        'A U-Net-family model from beadseg that segments microbeads: its output is the probability of bead per pixel.', '',
         '## Training', '', *[f'- {k}: {c[k]}' for k in ('architecture', 'batch_size', 'loss_function', 'learning_rate', 'image_size',
                                                           'base_filters', 'color', 'channel', 'shrink', 'dataset') if k in c],
         f"- pixel size: {result.get('pixel_size') or 'unknown'} um; epochs: {result.get('epochs_run')} (best {result.get('best_epoch')})", '',
@@ -60,7 +60,7 @@ def documentation(result:dict, # The configuration's result.json
         f"{p.get('split_distance', 0)} px apart (0: none). `beadseg predict` does all of this.", '',
         f"Weights: {', '.join(formats)} (the network alone; `bioimageio.core` runs both with TensorFlow)."]) + '\n'
 
-# %% ../nbs/29_export.ipynb #be996b90
+# %% ../nbs/29_export.ipynb #59ad7c0d
 UNET = dict(text='Ronneberger, Fischer and Brox: U-Net: convolutional networks for biomedical image segmentation (MICCAI 2015)',
             doi='10.1007/978-3-319-24574-4_28')
 
@@ -87,7 +87,7 @@ def package_description(files:dict, # Paths of the written files: keras_v3, kera
         authors=[b.Author(name=n) for n in authors], cite=[b.CiteEntry(text=UNET['text'], doi=b.Doi(UNET['doi']))], license=b.LicenseId(license),
         documentation=b.FileDescr(source=files['readme']), covers=[b.FileDescr(source=files['cover'])], inputs=[image], outputs=[probability], weights=weights)
 
-# %% ../nbs/29_export.ipynb #44ca7ac9
+# %% ../nbs/29_export.ipynb #b753c8cf
 def export(model, # A .keras file, a configuration folder or a search run folder
            out, # The package: a .zip file, or a folder
            image=None, # The test image; default the configuration's first validation image
@@ -117,7 +117,7 @@ def write_package(net, result:dict, s:dict, image:Path, out:Path, work:Path, aut
     save = save_bioimageio_package if out.suffix == '.zip' else save_bioimageio_package_as_folder
     return Path(save(descr, output_path=out))
 
-# %% ../nbs/29_export.ipynb #2be12466
+# %% ../nbs/29_export.ipynb #febf01d9
 def validation_image(result:dict) -> Path:
     "The first validation image of the configuration `result` records (its split.json and dataset); a `ValueError` when they are gone."
     folder, dataset = Path(result.get('config', {}).get('out_dir', '')), Path(result.get('config', {}).get('dataset', ''))
