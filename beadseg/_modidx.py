@@ -197,6 +197,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'beadseg.execute.run_config': ('execute.html#run_config', 'beadseg/execute.py'),
                                  'beadseg.execute.share_compilation_cache': ('execute.html#share_compilation_cache', 'beadseg/execute.py'),
                                  'beadseg.execute.share_split': ('execute.html#share_split', 'beadseg/execute.py'),
+                                 'beadseg.execute.stop_forwarder': ('execute.html#stop_forwarder', 'beadseg/execute.py'),
                                  'beadseg.execute.stops_forwarded': ('execute.html#stops_forwarded', 'beadseg/execute.py')},
             'beadseg.export': { 'beadseg.export.documentation': ('export.html#documentation', 'beadseg/export.py'),
                                 'beadseg.export.export': ('export.html#export', 'beadseg/export.py'),

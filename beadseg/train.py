@@ -475,16 +475,17 @@ def train(config:dict, # A configuration (see `PARAMETERS`)
             term.check(); phase('validating'); check_config(config)
             fit_and_score(config, out_dir, result, term, callbacks, verbose, epoch_budget)
             term.deferred = True; phase('writing')  # the work is done: a signal now only stops what follows
-        except (Interrupted, BrokenPipeError):  # a stop, or whoever read our output (a killed driver) went away
+        except (Interrupted, Exception) as err:
             term.deferred = True
+            # a stop, or whoever read our output (a killed driver) went away; library code may turn our Interrupted into
+            # an error of its own (TensorFlow's dtype code raised a TypeError from it while Keras loaded a model)
+            if not (isinstance(err, (Interrupted, BrokenPipeError)) or term.received):
+                result.update(status=Status.FAILED, error=str(err) if isinstance(err, ValueError) else f'{type(err).__name__}: {err}')
+                raise
             result.update(status=Status.INTERRUPTED, error=None, epochs_run=latest_resume_point(out_dir)[0])
             with contextlib.suppress(OSError):
                 print(f'beadseg: stopped ({term.received or "output closed"}) after epoch {result["epochs_run"]}; '
                       'rerun to resume.', flush=True)
-        except Exception as err:
-            term.deferred = True
-            result.update(status=Status.FAILED, error=str(err) if isinstance(err, ValueError) else f'{type(err).__name__}: {err}')
-            raise
         finally:
             term.deferred = True
             result = finish_result(out_dir, result, **peak_memory_mb())

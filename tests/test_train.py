@@ -237,6 +237,20 @@ def test_a_closed_output_pipe_stops_resumably_not_as_a_failure(beads12, tmp_path
     assert again['status'] == 'completed' and again['epochs_run'] == 2
 
 
+def test_an_error_raised_after_a_stop_signal_is_the_stop_not_a_failure(beads12, tmp_path):
+    """A stop signal can reach Python inside library code, which may turn our `Interrupted` into an error of its own (a
+    SIGTERM while Keras loaded the best model for evaluation ended as 'failed: TypeError' from TensorFlow's dtype code).
+    Once a stop was received, the error that follows is that stop: interrupted, resumable."""
+    from beadseg.train import train
+    class StopThenLibraryError(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            os.kill(os.getpid(), signal.SIGTERM); raise TypeError('Cannot convert -inf to EagerTensor of dtype int32')
+    result = train(micro_config(beads12, tmp_path/'run'), callbacks=[StopThenLibraryError()], verbose=0)
+    assert (result['status'], result['error']) == ('interrupted', None)
+    without_stop = type('LibraryError', (keras.callbacks.Callback,), dict(on_epoch_end=lambda self, epoch, logs=None: 1 / 0))
+    with pytest.raises(ZeroDivisionError): train(micro_config(beads12, tmp_path/'failing'), callbacks=[without_stop()], verbose=0)
+    assert json.loads((tmp_path/'failing'/'result.json').read_text())['status'] == 'failed'  # without a stop, an error is a failure
+
 def train_until(beads, out, marker, sig, *args):
     "`beadseg train` into `out`; at the first output line holding `marker`, send `sig` to its process group. Returns (exit status, output)."
     exe = os.path.join(os.path.dirname(sys.executable), 'beadseg')
