@@ -537,6 +537,7 @@ def add_bench_arguments(parser):
 def bench_command(args):
     "Run the benchmark and print its table."
     from beadseg.config import PRECISIONS, list_of, one_of, positive_int
+    from beadseg.runs import check_config, config_from_settings
     def parse(flag, text, parser):
         try: return parser(str(text))
         except ValueError as err: raise ValueError(f'{flag} {text!r}: {err}') from None
@@ -548,7 +549,8 @@ def bench_command(args):
     for name, value in BENCH_DEFAULTS.items():
         if getattr(args, name) is None: setattr(args, name, value)
     s = settings_from_args(args)
-    if args.compile_cache: return compile_command(s)
+    check_config(config := config_from_settings(s, out_dir='-'))  # the first choices: an image size the models cannot take, before TensorFlow loads
+    if args.compile_cache: return compile_command(config)
     from beadseg.bench import run_bench, bench_table  # TensorFlow loads once the flags are known to be good
     results = run_bench(s, s['search']['architectures'], s['data']['image_size'], s['search']['batch_sizes'],
                         s['train']['base_filters'], precisions, xla, steps, warmup, rounds, not args.no_reference,
@@ -590,11 +592,9 @@ def pipeline_command(args):
     print(f'{cores_needed(table, args.gpu_rate)} cores feed a GPU training {args.gpu_rate:g} images/s at this per-core rate')
 
 
-def compile_command(s:dict):
-    "`beadseg bench --compile-cache`: XLA's first-step time without and with a persistent compilation cache."
+def compile_command(config:dict):
+    "`beadseg bench --compile-cache`: XLA's first-step time without and with a persistent compilation cache, for `config` (the search's first choices)."
     from beadseg.bench import compile_cache_table
-    from beadseg.runs import config_from_settings
-    config = config_from_settings(s, out_dir='-')  # the search's first architecture and batch size
     print(f"first training step with XLA, {config['architecture']} {config['image_size']}x{config['image_size']} "
           f"batch {config['batch_size']}, base {config['base_filters']}, each in a fresh process", flush=True)
     print(compile_cache_table(config).to_string(index=False, float_format=lambda v: f'{v:.2f}'))

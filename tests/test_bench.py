@@ -1,5 +1,5 @@
 "`beadseg bench`: the CSV it writes (every column, numbers consistent within each row) and its errors. No timing assertions."
-import os
+import os, subprocess, sys
 import numpy as np, pandas as pd, pytest
 from conftest import run_beadseg
 
@@ -48,6 +48,9 @@ def test_bench_bad_flags_fail_in_one_line(tmp_path):
         done = run_beadseg('bench', *args, '--out', tmp_path/'x.csv')
         assert done.returncode == 2 and len(done.stderr.splitlines()) == 1 and message in done.stderr, done.stderr
         assert not (tmp_path/'x.csv').exists()
+    probe = "import sys; from beadseg.cli import main; main(['bench', '--image-size', '100']); print('tensorflow' in sys.modules)"
+    loaded = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, cwd=tmp_path)
+    assert loaded.stdout.strip() == 'False', loaded.stdout + loaded.stderr  # refused before TensorFlow loads (1 s, not 10)
 
 
 def test_pipeline_cores_reports_rates_per_core_and_the_cores_a_gpu_needs(beads):
