@@ -168,6 +168,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'beadseg.data.one_plane': ('data.html#one_plane', 'beadseg/data.py'),
                               'beadseg.data.pick_index': ('data.html#pick_index', 'beadseg/data.py'),
                               'beadseg.data.pixel_size_text': ('data.html#pixel_size_text', 'beadseg/data.py'),
+                              'beadseg.data.read_channels': ('data.html#read_channels', 'beadseg/data.py'),
                               'beadseg.data.read_checked': ('data.html#read_checked', 'beadseg/data.py'),
                               'beadseg.data.read_image': ('data.html#read_image', 'beadseg/data.py'),
                               'beadseg.data.read_instances': ('data.html#read_instances', 'beadseg/data.py'),

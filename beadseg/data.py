@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'CHANNELS', 'UM_PER_UNIT', 'IMAGEJ_DTYPES', 'DIHEDRAL', 'guess_axes', 'tiff_planes', 'read_planes',
            'read_pixels', 'tiff_record', 'named', 'drop_unit_axes', 'drop_unit_planes', 'pick_index', 'one_plane',
-           'as_channels', 'normalise', 'read_image', 'imagej_pixel_size', 'ome_pixel_size', 'read_pixel_size',
-           'write_tiff', 'check_labels', 'mask_instances', 'read_instances', 'shrink_labels', 'read_mask', 'Sample',
-           'image_files', 'match_files', 'find_pairs', 'count_beads', 'read_checked', 'check_sample', 'pixel_size_text',
-           'DatasetReport', 'summarise', 'shared_pixel_size', 'note_pixel_size', 'validate_dataset', 'check_dataset',
-           'density_bins', 'allocate', 'split_sizes', 'split_dataset', 'crops_per_image', 'crops_per_epoch',
-           'check_batch_fits', 'fold_dataset', 'save_split', 'split_report', 'load_split', 'read_labels', 'load_arrays']
+           'as_channels', 'normalise', 'read_channels', 'read_image', 'imagej_pixel_size', 'ome_pixel_size',
+           'read_pixel_size', 'write_tiff', 'check_labels', 'mask_instances', 'read_instances', 'shrink_labels',
+           'read_mask', 'Sample', 'image_files', 'match_files', 'find_pairs', 'count_beads', 'read_checked',
+           'check_sample', 'pixel_size_text', 'DatasetReport', 'summarise', 'shared_pixel_size', 'note_pixel_size',
+           'validate_dataset', 'check_dataset', 'density_bins', 'allocate', 'split_sizes', 'split_dataset',
+           'crops_per_image', 'crops_per_epoch', 'check_batch_fits', 'fold_dataset', 'save_split', 'split_report',
+           'load_split', 'read_labels', 'load_arrays']
 
 # %% ../nbs/02_data.ipynb #09ca9efd
 import json, logging, shlex
@@ -126,15 +127,22 @@ def normalise(x:np.ndarray, # Pixel values
     if hi <= lo: return np.zeros(x.shape, np.float32)
     return np.clip((x - lo) / (hi - lo), 0, 1).astype(np.float32)
 
+def read_channels(path, # Image file
+                  color:str='gray', # 'gray' or 'rgb', see `as_channels`
+                  channel:int=None, # The plane of a stack to read, see `one_plane`
+                 ) -> np.ndarray:
+    "The image in `path` as float32 (H, W, C), values as stored; a `ValueError` naming the file when it is no usable image."
+    try:
+        pixels, axes = read_planes(path)
+        return as_channels(pixels, color, channel, axes)
+    except ValueError as err: raise named(path, err) from None
+
 def read_image(path, # Image file
                color:str='gray', # 'gray' or 'rgb', see `as_channels`
                channel:int=None, # The plane of a stack to read, see `one_plane`
               ) -> np.ndarray:
-    "The image in `path` as float32 (H, W, C) in [0, 1], percentile-normalised."
-    try:
-        pixels, axes = read_planes(path)
-        return normalise(as_channels(pixels, color, channel, axes))
-    except ValueError as err: raise named(path, err) from None
+    "The image in `path` as float32 (H, W, C) in [0, 1]: `read_channels`, percentile-normalised."
+    return normalise(read_channels(path, color, channel))
 
 # %% ../nbs/02_data.ipynb #c8016b33
 UM_PER_UNIT = {'micron': 1, 'microns': 1, 'um': 1, 'µm': 1, 'μm': 1, '\\u00b5m': 1, 'nm': 1e-3, 'mm': 1e3, 'cm': 1e4, 'm': 1e6}

@@ -7,13 +7,14 @@ __all__ = ['UNET', 'plain_network', 'test_tensors', 'documentation', 'package_de
            'validation_image']
 
 # %% ../nbs/29_export.ipynb #6a0f5df2
-import json, tempfile
+import tempfile
 from pathlib import Path
 import numpy as np
 import imageio.v3 as iio
 from . import data
 from .inference import segment
 from .predict import find_model, load_model, overlay, prediction_settings
+from .runs import read_json
 
 # %% ../nbs/29_export.ipynb #b4a402bd
 def plain_network(model):
@@ -30,8 +31,7 @@ def test_tensors(model, # The plain network
                  side:int=256, # Crop side at most (a multiple of 16)
                 ) -> tuple:
     "(input (1, H, W, C) float32 as read for the model, not normalised; expected output (1, H, W, 1)): the centre crop of `image`."
-    planes, axes = data.read_planes(image)
-    pixels = data.as_channels(planes, s['color'], s['channel'], axes)
+    pixels = data.read_channels(image, s['color'], s['channel'])
     h, w = (min(side, n) // 16 * 16 for n in pixels.shape[:2])
     if not (h and w): raise ValueError(f'{image}: smaller than 16 x 16 pixels; give a larger test image')
     top, left = (pixels.shape[0] - h) // 2, (pixels.shape[1] - w) // 2
@@ -121,8 +121,9 @@ def write_package(net, result:dict, s:dict, image:Path, out:Path, work:Path, aut
 def validation_image(result:dict) -> Path:
     "The first validation image of the configuration `result` records (its split.json and dataset); a `ValueError` when they are gone."
     folder, dataset = Path(result.get('config', {}).get('out_dir', '')), Path(result.get('config', {}).get('dataset', ''))
-    try: stem = json.loads((folder/'split.json').read_text())['val'][0]
-    except (OSError, ValueError, KeyError, IndexError): raise ValueError(f'{folder}: no split.json with validation images; give --image') from None
+    if not (stems := (read_json(folder/'split.json') or {}).get('val')):
+        raise ValueError(f'{folder}: no split.json with validation images; give --image')
+    stem = stems[0]
     found = sorted((dataset/'images').glob(f'{stem}.*'))
     if not found: raise ValueError(f"{dataset/'images'}: no image {stem}.*; give --image")
     return found[0]

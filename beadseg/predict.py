@@ -193,10 +193,7 @@ def read_for_model(path, # Image file
                    channel:int=None, # The plane of a stack it read, see `data.one_plane`
                   ) -> tuple:
     "(normalised float32 (H, W, C) model input, (H, W) intensities as stored) of the image in `path`."
-    try:
-        planes, axes = data.read_planes(path)
-        pixels = data.as_channels(planes, color, channel, axes)
-    except ValueError as err: raise data.named(path, err) from None
+    pixels = data.read_channels(path, color, channel)
     return data.normalise(pixels), pixels.mean(-1)
 
 def check_settings(s:dict, # `prediction_settings`

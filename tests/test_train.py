@@ -251,6 +251,7 @@ def test_an_error_raised_after_a_stop_signal_is_the_stop_not_a_failure(beads12, 
     with pytest.raises(ZeroDivisionError): train(micro_config(beads12, tmp_path/'failing'), callbacks=[without_stop()], verbose=0)
     assert json.loads((tmp_path/'failing'/'result.json').read_text())['status'] == 'failed'  # without a stop, an error is a failure
 
+
 def train_until(beads, out, marker, sig, *args):
     "`beadseg train` into `out`; at the first output line holding `marker`, send `sig` to its process group. Returns (exit status, output)."
     exe = os.path.join(os.path.dirname(sys.executable), 'beadseg')
